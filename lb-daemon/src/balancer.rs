@@ -1,0 +1,157 @@
+//! Services and backends as the data plane sees them: ids, backend slots, SNAT addresses and
+//! the weighted Maglev lookup table of each service.
+//!
+//! The Maglev table depends only on the backends' addresses and weights (not on their order or
+//! on the host), so several balancers announcing the same VIP send a flow to the same backend.
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+
+use anyhow::{Context as _, bail};
+
+use crate::config::{ServiceSpec, Settings};
+
+/// A backend placed in the data plane.
+#[derive(Clone, Debug)]
+pub struct PlacedBackend {
+    /// Slot in the `BACKENDS` array.
+    pub index: u32,
+    pub addr: SocketAddr,
+    pub weight: u32,
+    /// Source address used towards this backend.
+    pub snat: IpAddr,
+}
+
+/// A service placed in the data plane.
+#[derive(Clone, Debug)]
+pub struct PlacedService {
+    /// Service id: index of its Maglev table.
+    pub id: u32,
+    pub spec: ServiceSpec,
+    pub backends: Vec<PlacedBackend>,
+    /// Maglev table generation, bumped on every rebuild.
+    pub generation: u32,
+    /// Maglev table: for each slot, the `BACKENDS` index of the backend it points to.
+    pub table: Vec<u32>,
+}
+
+/// Assigns ids and slots to the configured services and backends, resolves SNAT addresses
+/// (`--snat-ip`, else the kernel's route source towards each backend) and builds the tables.
+pub fn place(settings: &Settings, table_size: u32) -> anyhow::Result<Vec<PlacedService>> {
+    let mut next_backend = 0u32;
+    let mut out = Vec::new();
+    for (id, spec) in settings.services.iter().enumerate() {
+        let mut backends = Vec::new();
+        for b in &spec.backends {
+            let snat = match settings.snat_ip {
+                Some(ip) => ip,
+                None => route_source(b.addr).with_context(|| {
+                    format!("--backend {}={}: cannot find a source address towards it (give --snat-ip)", spec.name, b.addr)
+                })?,
+            };
+            backends.push(PlacedBackend { index: next_backend, addr: b.addr, weight: b.weight, snat });
+            next_backend += 1;
+        }
+        let table = maglev_table(&backends, table_size);
+        out.push(PlacedService { id: id as u32, spec: spec.clone(), backends, generation: 1, table });
+    }
+    Ok(out)
+}
+
+/// The local address the kernel would use to reach `addr` (no packet is sent).
+fn route_source(addr: SocketAddr) -> anyhow::Result<IpAddr> {
+    let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0".parse()? } else { "[::]:0".parse()? };
+    let sock = UdpSocket::bind(bind)?;
+    sock.connect(addr)?;
+    let ip = sock.local_addr()?.ip();
+    if ip.is_unspecified() {
+        bail!("no route to {addr}");
+    }
+    Ok(ip)
+}
+
+/// Weighted Maglev (Eisenbud et al., NSDI 2016): each backend walks its own permutation of the
+/// slots and claims the next free one; a backend of weight w takes w turns per round, so it
+/// ends up with a share of slots proportional to w. Returns `BACKENDS` indices; empty when
+/// there is no backend.
+pub fn maglev_table(backends: &[PlacedBackend], size: u32) -> Vec<u32> {
+    if backends.is_empty() || size == 0 {
+        return Vec::new();
+    }
+    let m = size as u64;
+    // Sort by address so the table does not depend on flag order.
+    let mut order: Vec<&PlacedBackend> = backends.iter().collect();
+    order.sort_by_key(|b| b.addr);
+    let perms: Vec<(u64, u64)> = order
+        .iter()
+        .map(|b| {
+            let id = b.addr.to_string();
+            let offset = fnv1a(id.as_bytes(), 0xcbf2_9ce4_8422_2325) % m;
+            let skip = fnv1a(id.as_bytes(), 0x8422_2325_cbf2_9ce4) % (m - 1).max(1) + 1;
+            (offset, skip)
+        })
+        .collect();
+    let mut next = vec![0u64; order.len()];
+    let mut table = vec![u32::MAX; size as usize];
+    let mut filled = 0u64;
+    'fill: loop {
+        for (i, b) in order.iter().enumerate() {
+            for _ in 0..b.weight {
+                let (offset, skip) = perms[i];
+                let mut slot = (offset + next[i] * skip) % m;
+                while table[slot as usize] != u32::MAX {
+                    next[i] += 1;
+                    slot = (offset + next[i] * skip) % m;
+                }
+                table[slot as usize] = b.index;
+                next[i] += 1;
+                filled += 1;
+                if filled == m {
+                    break 'fill;
+                }
+            }
+        }
+    }
+    table
+}
+
+/// FNV-1a, 64-bit, with a chosen basis: stable across hosts and releases.
+fn fnv1a(data: &[u8], basis: u64) -> u64 {
+    data.iter().fold(basis, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(i: u32, addr: &str, weight: u32) -> PlacedBackend {
+        PlacedBackend { index: i, addr: addr.parse().unwrap(), weight, snat: "10.0.0.1".parse().unwrap() }
+    }
+
+    #[test]
+    fn weights_are_respected() {
+        let bs = [backend(0, "10.0.2.2:80", 1), backend(1, "10.0.3.2:80", 2), backend(2, "10.0.4.2:80", 1)];
+        let t = maglev_table(&bs, 65537);
+        let share = |i| t.iter().filter(|&&x| x == i).count() as f64 / t.len() as f64;
+        assert!((share(0) - 0.25).abs() < 0.01, "{}", share(0));
+        assert!((share(1) - 0.50).abs() < 0.01, "{}", share(1));
+        assert!((share(2) - 0.25).abs() < 0.01, "{}", share(2));
+    }
+
+    #[test]
+    fn table_is_independent_of_order_and_removal_moves_little() {
+        let a = [backend(0, "10.0.2.2:80", 1), backend(1, "10.0.3.2:80", 1), backend(2, "10.0.4.2:80", 1)];
+        let b = [backend(2, "10.0.4.2:80", 1), backend(0, "10.0.2.2:80", 1), backend(1, "10.0.3.2:80", 1)];
+        assert_eq!(maglev_table(&a, 4093), maglev_table(&b, 4093));
+        let fewer = [a[0].clone(), a[1].clone()];
+        let (t3, t2) = (maglev_table(&a, 4093), maglev_table(&fewer, 4093));
+        // Slots that did not belong to the removed backend mostly stay where they were.
+        let kept = t3.iter().zip(&t2).filter(|(x, y)| **x != 2 && x == y).count();
+        let others = t3.iter().filter(|x| **x != 2).count();
+        assert!(kept as f64 / others as f64 > 0.9, "{kept}/{others}");
+    }
+
+    #[test]
+    fn empty_pool_gives_empty_table() {
+        assert!(maglev_table(&[], 65537).is_empty());
+    }
+}

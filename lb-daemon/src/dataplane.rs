@@ -1,0 +1,201 @@
+//! The kernel side as user space drives it: load the embedded eBPF object, write the service,
+//! backend, Maglev and configuration maps, attach the XDP program, and read back flows,
+//! counters and ring-buffer records.
+
+use std::{collections::HashMap as StdHashMap, net::SocketAddr};
+
+use anyhow::{Context as _, anyhow};
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues, RingBuf},
+    programs::{Xdp, XdpMode, xdp::XdpLinkId},
+    util::nr_cpus,
+};
+use lb_common::{
+    Backend, Config, ConnEvent, Flow, FlowKey, MAGLEV_TABLE_SIZE, ServiceInfo, ServiceKey, addr,
+    maps, stat,
+};
+
+use crate::{audit::Proto, balancer::PlacedService};
+
+/// The eBPF object built from `lb-ebpf` by the build script.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-xdp"));
+
+/// A loaded (and possibly attached) data plane. Dropping it detaches the program.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    links: Vec<(String, XdpLinkId)>,
+}
+
+impl Dataplane {
+    /// Loads the object and the XDP program into the kernel, without attaching it.
+    pub fn load() -> anyhow::Result<Self> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(anyhow!(
+                "this binary was built without the eBPF object (AYA_BUILD_SKIP); rebuild after `cargo xtask setup`"
+            ));
+        }
+        let mut ebpf = Ebpf::load(EBPF_OBJECT).context("loading the eBPF object")?;
+        let prog: &mut Xdp = program(&mut ebpf)?;
+        prog.load().context("loading the XDP program (verifier)")?;
+        Ok(Self { ebpf, links: Vec::new() })
+    }
+
+    /// The XDP program, e.g. for `BPF_PROG_TEST_RUN`.
+    pub fn program(&mut self) -> anyhow::Result<&mut Xdp> {
+        program(&mut self.ebpf)
+    }
+
+    /// Attaches the program to an interface, in native mode when the driver has it.
+    pub fn attach(&mut self, iface: &str) -> anyhow::Result<()> {
+        let prog = program(&mut self.ebpf)?;
+        let id = prog
+            .attach(iface, XdpMode::default())
+            .with_context(|| format!("--iface {iface}: cannot attach the XDP program"))?;
+        self.links.push((iface.to_string(), id));
+        Ok(())
+    }
+
+    /// Detaches the program from every interface it was attached to.
+    pub fn detach_all(&mut self) -> anyhow::Result<()> {
+        let links = std::mem::take(&mut self.links);
+        let prog = program(&mut self.ebpf)?;
+        for (iface, id) in links {
+            prog.detach(id).with_context(|| format!("detaching from {iface}"))?;
+        }
+        Ok(())
+    }
+
+    /// Writes run-time settings and seeds the per-CPU flow-id counters.
+    pub fn configure(&mut self, snat_ports: (u16, u16), flow_id_base: u64) -> anyhow::Result<()> {
+        let mut cfg: Array<&mut MapData, Config> = Array::try_from(self.map(maps::CONFIG)?)?;
+        cfg.set(
+            0,
+            Config { snat_port_min: snat_ports.0, snat_port_max: snat_ports.1, _pad: 0 },
+            0,
+        )?;
+        let ncpu = nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
+        let mut seq: PerCpuArray<&mut MapData, u64> = PerCpuArray::try_from(self.map(maps::FLOW_SEQ)?)?;
+        seq.set(0, PerCpuValues::try_from(vec![flow_id_base; ncpu])?, 0)?;
+        Ok(())
+    }
+
+    /// Writes services, backends and Maglev tables.
+    pub fn install(&mut self, services: &[PlacedService]) -> anyhow::Result<()> {
+        {
+            let mut backends: Array<&mut MapData, Backend> = Array::try_from(self.map(maps::BACKENDS)?)?;
+            for s in services {
+                for b in &s.backends {
+                    let (a, af) = addr::to_words(b.addr.ip());
+                    let (snat, _) = addr::to_words(b.snat);
+                    let entry = Backend { addr: a, snat_addr: snat, port: b.addr.port().to_be(), af, _pad: [0; 5] };
+                    backends.set(b.index, entry, 0)?;
+                }
+            }
+        }
+        {
+            let mut maglev: Array<&mut MapData, u32> = Array::try_from(self.map(maps::MAGLEV)?)?;
+            for s in services {
+                let base = s.id * MAGLEV_TABLE_SIZE;
+                for (slot, &idx) in s.table.iter().enumerate() {
+                    maglev.set(base + slot as u32, idx, 0)?;
+                }
+            }
+        }
+        let mut svc_map: HashMap<&mut MapData, ServiceKey, ServiceInfo> =
+            HashMap::try_from(self.map(maps::SERVICES)?)?;
+        for s in services {
+            let info = ServiceInfo {
+                id: s.id,
+                backend_count: s.backends.len() as u32,
+                generation: s.generation,
+                _pad: 0,
+            };
+            svc_map.insert(service_key(s), info, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Takes the ring buffer of connection records (once).
+    pub fn take_events(&mut self) -> anyhow::Result<RingBuf<MapData>> {
+        let map = self.ebpf.take_map(maps::EVENTS).ok_or_else(|| anyhow!("map {} missing", maps::EVENTS))?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
+    /// Every conntrack entry (client-side key and state).
+    pub fn flows(&mut self) -> anyhow::Result<Vec<(FlowKey, Flow)>> {
+        let ct: HashMap<&mut MapData, FlowKey, Flow> = HashMap::try_from(self.map(maps::CONNTRACK)?)?;
+        // Entries may vanish while iterating (LRU, the program's own updates): skip those.
+        Ok(ct.iter().filter_map(Result::ok).collect())
+    }
+
+    /// Removes a flow's entries from both conntrack maps.
+    pub fn remove_flow(&mut self, key: &FlowKey, flow: &Flow) -> anyhow::Result<()> {
+        let rkey = FlowKey {
+            src: flow.backend,
+            dst: flow.snat,
+            sport: flow.backend_port,
+            dport: flow.snat_port,
+            proto: key.proto,
+            af: key.af,
+            _pad: [0; 2],
+        };
+        let mut rev: HashMap<&mut MapData, FlowKey, FlowKey> = HashMap::try_from(self.map(maps::REVERSE)?)?;
+        let _ = rev.remove(&rkey);
+        let mut ct: HashMap<&mut MapData, FlowKey, Flow> = HashMap::try_from(self.map(maps::CONNTRACK)?)?;
+        let _ = ct.remove(key);
+        Ok(())
+    }
+
+    /// The `STATS` counters summed over CPUs, indexed by `lb_common::stat`.
+    pub fn stats(&mut self) -> anyhow::Result<Vec<u64>> {
+        let st: PerCpuArray<&mut MapData, u64> = PerCpuArray::try_from(self.map(maps::STATS)?)?;
+        (0..stat::COUNT)
+            .map(|i| Ok(st.get(&i, 0)?.iter().sum()))
+            .collect()
+    }
+
+    fn map(&mut self, name: &str) -> anyhow::Result<&mut aya::maps::Map> {
+        self.ebpf.map_mut(name).ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+    }
+}
+
+fn program(ebpf: &mut Ebpf) -> anyhow::Result<&mut Xdp> {
+    let prog = ebpf
+        .program_mut(lb_common::XDP_PROGRAM)
+        .ok_or_else(|| anyhow!("program {} missing from the eBPF object", lb_common::XDP_PROGRAM))?;
+    Ok(prog.try_into()?)
+}
+
+fn service_key(s: &PlacedService) -> ServiceKey {
+    let (a, af) = addr::to_words(s.spec.vip.ip());
+    ServiceKey { addr: a, port: s.spec.vip.port().to_be(), proto: proto_number(s.spec.proto), af }
+}
+
+/// The IP protocol number of a service protocol.
+pub fn proto_number(p: Proto) -> u8 {
+    match p {
+        Proto::Tcp => lb_common::PROTO_TCP,
+        Proto::Udp => lb_common::PROTO_UDP,
+    }
+}
+
+/// Decodes a ring-buffer record; `None` when its size is not a `ConnEvent`'s.
+pub fn decode_event(bytes: &[u8]) -> Option<ConnEvent> {
+    if bytes.len() < std::mem::size_of::<ConnEvent>() {
+        return None;
+    }
+    // SAFETY: the length is checked above, `ConnEvent` is plain old data for which every bit
+    // pattern is valid, and `read_unaligned` has no alignment requirement.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<ConnEvent>()) })
+}
+
+/// Socket address from raw words, an `af` tag and a network-order port.
+pub fn socket_addr(words: [u32; 4], af: u8, port_be: u16) -> SocketAddr {
+    SocketAddr::new(addr::from_words(words, af), u16::from_be(port_be))
+}
+
+/// Names of the services by id, for turning kernel records into audit records.
+pub fn service_names(services: &[PlacedService]) -> StdHashMap<u32, String> {
+    services.iter().map(|s| (s.id, s.spec.name.clone())).collect()
+}

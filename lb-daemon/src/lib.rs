@@ -1,0 +1,16 @@
+//! lb: an L4 load balancer whose data plane is an XDP program and whose promise is a complete,
+//! verifiable audit trail.
+//!
+//! Modules, one per concern:
+//! - [`config`]: command-line flags and the effective configuration;
+//! - [`balancer`]: service/backend placement and the weighted Maglev table;
+//! - [`dataplane`]: loading the eBPF object, writing its maps, reading flows and records;
+//! - [`neighbors`]: keeping backends' link-layer addresses resolved for the XDP FIB lookup;
+//! - [`daemon`]: the run loop tying kernel records to the audit log;
+//! - [`audit`]: the binary, tamper-evident log and its reader.
+pub mod audit;
+pub mod balancer;
+pub mod config;
+pub mod daemon;
+pub mod dataplane;
+pub mod neighbors;

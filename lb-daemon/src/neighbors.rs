@@ -1,0 +1,84 @@
+//! Keeps the link-layer addresses of backends resolved.
+//!
+//! The XDP program asks the kernel's FIB for the next hop of a new flow, and the FIB only
+//! answers with a MAC address the neighbour table already holds; XDP cannot resolve one. An
+//! ICMP echo to each backend makes the kernel resolve (and keep refreshing) the entry without
+//! touching the backend's service ports.
+
+use std::{
+    collections::HashSet,
+    mem::MaybeUninit,
+    net::{IpAddr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Sends an echo request to each IPv4 address and waits (up to `timeout`) for the replies.
+/// Returns the addresses that answered; the others are logged by the caller.
+pub fn prime(addrs: &[IpAddr], timeout: Duration) -> std::io::Result<HashSet<IpAddr>> {
+    let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?;
+    let ident = (std::process::id() & 0xffff) as u16;
+    let targets: HashSet<IpAddr> = addrs.iter().copied().filter(IpAddr::is_ipv4).collect();
+    for (seq, ip) in targets.iter().enumerate() {
+        let packet = echo_request(ident, seq as u16);
+        // A send error (no route) just means no answer; the caller reports missing ones.
+        let _ = sock.send_to(&packet, &SocketAddr::new(*ip, 0).into());
+    }
+    let mut answered = HashSet::new();
+    let deadline = Instant::now() + timeout;
+    let mut buf = [MaybeUninit::<u8>::uninit(); 1500];
+    while answered.len() < targets.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        sock.set_read_timeout(Some(left))?;
+        let (_, from) = match sock.recv_from(&mut buf) {
+            Ok(r) => r,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => break,
+            Err(e) => return Err(e),
+        };
+        if let Some(from) = from.as_socket().map(|s| s.ip()) {
+            if targets.contains(&from) {
+                answered.insert(from);
+            }
+        }
+    }
+    Ok(answered)
+}
+
+/// An ICMP echo request with an 8-byte payload.
+fn echo_request(ident: u16, seq: u16) -> [u8; 16] {
+    let mut p = [0u8; 16];
+    p[0] = 8; // echo request
+    p[4..6].copy_from_slice(&ident.to_be_bytes());
+    p[6..8].copy_from_slice(&seq.to_be_bytes());
+    p[8..16].copy_from_slice(b"lb-neigh");
+    let sum = internet_checksum(&p);
+    p[2..4].copy_from_slice(&sum.to_be_bytes());
+    p
+}
+
+fn internet_checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn echo_request_checksum_verifies() {
+        let p = echo_request(0x1234, 7);
+        // A packet including its own checksum sums to 0xffff (checksum 0).
+        assert_eq!(internet_checksum(&p), 0);
+    }
+}

@@ -1,0 +1,25 @@
+//! Incremental Internet checksum updates (RFC 1624: HC' = ~(~HC + ~m + m')).
+//!
+//! Values are the raw 16-bit words as they sit in memory; the one's-complement sum is
+//! byte-order independent, so no swapping is needed as long as all operands agree.
+
+#[inline(always)]
+fn fold(mut s: u32) -> u16 {
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s as u16
+}
+
+/// The checksum after a 32-bit field changed from `from` to `to`.
+#[inline(always)]
+pub fn replace4(check: u16, from: u32, to: u32) -> u16 {
+    let nf = !from;
+    let s = (!check) as u32 + (nf & 0xffff) + (nf >> 16) + (to & 0xffff) + (to >> 16);
+    !fold(s)
+}
+
+/// The checksum after a 16-bit field changed from `from` to `to`.
+#[inline(always)]
+pub fn replace2(check: u16, from: u16, to: u16) -> u16 {
+    !fold((!check) as u32 + (!from) as u32 + to as u32)
+}
