@@ -1,7 +1,8 @@
 //! Types and constants shared by the kernel programs (`lb-ebpf`) and user space (`lb-daemon`).
 //!
 //! Every struct here crosses the kernel/user boundary through a BPF map or the ring buffer, so
-//! each is `#[repr(C)]` with explicit padding and fixed-width integers only. Addresses are stored
+//! each is `#[repr(C)]` with explicit padding and fixed-width integers only. Padding is made of
+//! integers, not byte arrays: the BPF backend turns array initialisation into byte-loop calls. Addresses are stored
 //! as four `u32` words holding the raw network-order bytes as they appear in the packet: an IPv4
 //! address occupies word 0 and words 1..3 are zero. Ports are stored in network byte order.
 #![no_std]
@@ -18,9 +19,15 @@ pub const PROTO_UDP: u8 = 17;
 pub const MAX_SERVICES: u32 = 64;
 /// Maximum number of backends across all services.
 pub const MAX_BACKENDS: u32 = 4096;
-/// Maglev lookup table size per service; a prime so every backend permutation is complete.
+/// Default Maglev lookup table size per service; a prime so every backend permutation is
+/// complete. The daemon may choose another prime at load time (`Config::maglev_size`).
 pub const MAGLEV_TABLE_SIZE: u32 = 65537;
-/// Connection-tracking capacity (flows). The reverse (reply) table has the same size.
+/// Maximum number of access-control rules (allow/deny CIDRs) across all services.
+pub const MAX_ACL_RULES: u32 = 4096;
+/// Sources tracked for per-source rate limiting and deny-record suppression.
+pub const SOURCES_MAX: u32 = 65_536;
+/// Default connection-tracking capacity in connections (the `FLOWS` map holds two entries,
+/// one per direction, for each).
 pub const CONNTRACK_MAX: u32 = 262_144;
 /// Ring buffer size in bytes (power of two, multiple of the page size).
 pub const EVENTS_RING_BYTES: u32 = 1 << 24;
@@ -30,16 +37,22 @@ pub mod maps {
     pub const SERVICES: &str = "SERVICES";
     pub const BACKENDS: &str = "BACKENDS";
     pub const MAGLEV: &str = "MAGLEV";
-    pub const CONNTRACK: &str = "CONNTRACK";
-    pub const REVERSE: &str = "REVERSE";
+    pub const FLOWS: &str = "FLOWS";
+    pub const HOPS: &str = "HOPS";
     pub const EVENTS: &str = "EVENTS";
     pub const STATS: &str = "STATS";
     pub const CONFIG: &str = "CONFIG";
     pub const FLOW_SEQ: &str = "FLOW_SEQ";
+    pub const VIPS: &str = "VIPS";
+    pub const ACL: &str = "ACL";
+    pub const RULE_HITS: &str = "RULE_HITS";
+    pub const SOURCES: &str = "SOURCES";
 }
 
 /// Name of the XDP program in the object.
 pub const XDP_PROGRAM: &str = "lb_xdp";
+/// A program in the same object that passes every packet: the benchmarks' floor.
+pub const XDP_PASS_PROGRAM: &str = "lb_pass";
 
 /// Indices into the per-CPU `STATS` counter array.
 pub mod stat {
@@ -51,18 +64,38 @@ pub mod stat {
     pub const REPLIED: u32 = 2;
     /// Packets passed to the host stack untouched (not ours).
     pub const PASSED: u32 = 3;
-    /// Packets dropped because the FIB had no route or no neighbour for the next hop.
+    /// New flows dropped because the FIB had no route or no neighbour for the next hop.
     pub const DROP_NO_ROUTE: u32 = 4;
-    /// Non-SYN TCP packets to a VIP with no tracked flow.
+    /// Non-SYN TCP packets to a service with no tracked flow.
     pub const DROP_NO_FLOW: u32 = 5;
     /// New flows refused because no SNAT port was free.
-    pub const DROP_SNAT_EXHAUSTED: u32 = 6;
+    pub const DENY_SNAT_EXHAUSTED: u32 = 6;
     /// New flows to a service without a usable backend.
-    pub const DROP_NO_BACKEND: u32 = 7;
-    /// Flows that could not be inserted into the conntrack table.
-    pub const DROP_CONNTRACK_FULL: u32 = 8;
+    pub const DENY_NO_BACKEND: u32 = 7;
+    /// New flows refused because the conntrack table was full.
+    pub const DENY_CONNTRACK_FULL: u32 = 8;
+    /// New flows refused by an access-control rule (per-rule counts are in `RULE_HITS`).
+    pub const DENY_ACL: u32 = 9;
+    /// New flows refused by the per-source rate limit.
+    pub const DENY_RATE_LIMITED: u32 = 10;
+    /// New flows refused because the audit log cannot be written (fail-closed).
+    pub const DENY_AUDIT_UNAVAILABLE: u32 = 11;
+    /// Deny records not emitted because the source already had one in the last second.
+    pub const DENY_RECORDS_SUPPRESSED: u32 = 12;
+    /// Malformed packets to a VIP (truncated or inconsistent headers, invalid TCP flags).
+    pub const DROP_MALFORMED: u32 = 13;
+    /// IP fragments to a VIP (the balancer does not reassemble).
+    pub const DROP_FRAGMENT: u32 = 14;
+    /// IPv6 packets to a VIP carrying extension headers.
+    pub const DROP_IPV6_EXT: u32 = 15;
+    /// VLAN-tagged frames (passed to the host stack).
+    pub const PASSED_VLAN: u32 = 16;
+    /// ICMP errors about a NATed flow translated back to its client.
+    pub const ICMP_TRANSLATED: u32 = 17;
+    /// Packets to a VIP of a protocol no service there carries (ICMP echo, other IP protocols).
+    pub const DROP_UNSUPPORTED: u32 = 18;
     /// Number of counters.
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 19;
 }
 
 /// Key of the `SERVICES` hash map: a virtual IP, port and protocol.
@@ -87,7 +120,94 @@ pub struct ServiceInfo {
     pub backend_count: u32,
     /// Maglev table generation that is currently written.
     pub generation: u32,
+    /// `service_flags` bits.
+    pub flags: u32,
+    /// New flows per second allowed from one source address; 0 means unlimited.
+    pub rate_per_sec: u32,
     pub _pad: u32,
+}
+
+/// `ServiceInfo::flags` bits.
+pub mod service_flags {
+    /// The service has allow rules: a source no rule matches is refused.
+    pub const DEFAULT_DENY: u32 = 1;
+    /// The service has access rules at all (the ACL lookup is skipped otherwise).
+    pub const HAS_RULES: u32 = 2;
+}
+
+/// Key of the `VIPS` hash map: every address that is some service's VIP. Packets to a VIP that
+/// the balancer cannot handle (fragments, malformed headers) are dropped instead of reaching
+/// the host stack, which does not own the VIP and would route them away.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct VipKey {
+    pub addr: [u32; 4],
+    pub af: u8,
+    pub _pad0: u8,
+    pub _pad1: u16,
+}
+
+/// Data of the `ACL` longest-prefix-match trie key (the trie's key is `prefix_len: u32`
+/// followed by this). The matched bits are, in order, the 32-bit big-endian `scope` (service id
+/// and address family) and then the address, so a rule for a CIDR of length n has
+/// `prefix_len = 32 + n`, and a lookup uses `ACL_LOOKUP_PREFIX`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AclKey {
+    /// `(service_id << 8 | af)`, stored big-endian so it is the first matched bits.
+    pub scope: [u8; 4],
+    pub addr: [u32; 4],
+}
+
+/// Prefix length of an `ACL` lookup key: every bit of `AclKey`.
+pub const ACL_LOOKUP_PREFIX: u32 = 32 + 128;
+
+impl AclKey {
+    /// The scope bytes for a service and address family.
+    pub const fn scope(service_id: u32, af: u8) -> [u8; 4] {
+        ((service_id << 8) | af as u32).to_be_bytes()
+    }
+}
+
+/// Value of the `ACL` trie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AclRule {
+    /// Index into `RULE_HITS`, and the rule number in deny records.
+    pub rule_id: u32,
+    /// `acl_action` value.
+    pub action: u32,
+}
+
+/// `AclRule::action` values.
+pub mod acl_action {
+    pub const ALLOW: u32 = 1;
+    pub const DENY: u32 = 2;
+}
+
+/// Key of the `SOURCES` LRU map: one client address as seen by one service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SourceKey {
+    pub addr: [u32; 4],
+    pub service_id: u32,
+    pub af: u8,
+    pub _pad0: u8,
+    pub _pad1: u16,
+}
+
+/// Per-source state: a token bucket for new flows, and deny-record suppression.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SourceState {
+    /// Tokens, in millionths of a new flow.
+    pub tokens_micro: u64,
+    /// When tokens were last added (CLOCK_BOOTTIME ns).
+    pub refill_ns: u64,
+    /// When the last deny record for this source was emitted.
+    pub last_deny_record_ns: u64,
+    /// Denies since that record that emitted no record of their own.
+    pub suppressed: u64,
 }
 
 /// Entry of the `BACKENDS` array.
@@ -100,7 +220,8 @@ pub struct Backend {
     /// Network byte order.
     pub port: u16,
     pub af: u8,
-    pub _pad: [u8; 5],
+    pub _pad0: u8,
+    pub _pad1: u32,
 }
 
 /// A directional flow: the key of both conntrack maps.
@@ -115,46 +236,80 @@ pub struct FlowKey {
     pub dport: u16,
     pub proto: u8,
     pub af: u8,
-    pub _pad: [u8; 2],
+    pub _pad: u16,
 }
 
 /// Flow state bits (`Flow::state`).
 pub mod flow_state {
-    pub const FIN_FROM_CLIENT: u64 = 1;
-    pub const FIN_FROM_BACKEND: u64 = 2;
-    /// The close record has been emitted; the entry only lingers so trailing ACKs pass.
+    /// This entry's direction has sent a FIN.
+    pub const FIN: u64 = 1;
+    /// (Forward entry) the close record has been emitted; both entries only linger so trailing
+    /// ACKs pass, until the daemon sweeps them.
     pub const CLOSED: u64 = 4;
 }
 
-/// Value of the `CONNTRACK` map, keyed by the client-side `FlowKey` (client → VIP).
+/// Direction of a `FLOWS` entry (`Flow::dir`).
+pub mod flow_dir {
+    /// Keyed by the client's packets (client → VIP).
+    pub const FORWARD: u8 = 1;
+    /// Keyed by the backend's replies (backend → SNAT address).
+    pub const REPLY: u8 = 2;
+}
+
+/// A value of the `FLOWS` map. Each connection has two entries, one per direction, so that
+/// every packet, either way, costs one lookup: the forward entry is keyed by the client's
+/// 5-tuple, the reply entry by the backend's. Each holds what its direction's packets are
+/// rewritten to, where they leave, and their counters.
+///
+/// The entries find each other: the peer's key is this entry's rewrite target reversed
+/// (`src = nat_dst, dst = nat_src, sport = nat_dport, dport = nat_sport`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Flow {
     pub flow_id: u64,
     /// CLOCK_BOOTTIME nanoseconds when the flow opened.
     pub opened_ns: u64,
-    /// CLOCK_BOOTTIME nanoseconds of the last packet in either direction.
+    /// CLOCK_MONOTONIC_COARSE nanoseconds of this direction's last packet.
     pub last_seen_ns: u64,
-    pub bytes_to_backend: u64,
-    pub bytes_to_client: u64,
-    pub packets_to_backend: u64,
-    pub packets_to_client: u64,
-    pub backend: [u32; 4],
-    pub snat: [u32; 4],
-    /// Network byte order.
-    pub backend_port: u16,
-    /// Network byte order.
-    pub snat_port: u16,
-    pub service_id: u32,
-    pub backend_idx: u32,
-    pub generation: u32,
+    /// Transport payload bytes in this direction, added atomically.
+    pub bytes: u64,
+    /// Packets in this direction, added atomically.
+    pub packets: u64,
     /// `flow_state` bits, updated atomically (64-bit: the BPF CPU baseline has no 32-bit
     /// fetch-or).
     pub state: u64,
-    /// Where packets towards the backend leave (resolved once, when the flow opens).
-    pub to_backend: NextHop,
-    /// Where replies leave: back to the interface and router the client's first packet came from.
-    pub to_client: NextHop,
+    /// Source address written into this direction's packets (SNAT address, or the VIP).
+    pub nat_src: [u32; 4],
+    /// Destination address written (the backend, or the client).
+    pub nat_dst: [u32; 4],
+    /// Ports written, network byte order.
+    pub nat_sport: u16,
+    pub nat_dport: u16,
+    pub service_id: u32,
+    pub backend_idx: u32,
+    pub generation: u32,
+    /// Where this direction's packets leave.
+    pub hop: NextHop,
+    /// `flow_dir` value.
+    pub dir: u8,
+    pub _pad0: u8,
+    pub _pad1: u16,
+    pub _pad2: u32,
+}
+
+impl Flow {
+    /// The key of this entry's peer (the other direction).
+    pub fn peer_key(&self, proto: u8, af: u8) -> FlowKey {
+        FlowKey {
+            src: self.nat_dst,
+            dst: self.nat_src,
+            sport: self.nat_dport,
+            dport: self.nat_sport,
+            proto,
+            af,
+            _pad: 0,
+        }
+    }
 }
 
 /// A resolved link-layer next hop.
@@ -170,6 +325,17 @@ pub struct NextHop {
 pub mod event_kind {
     pub const CONN_OPEN: u8 = 1;
     pub const CONN_CLOSE: u8 = 2;
+    pub const CONN_DENY: u8 = 3;
+}
+
+/// Why a new flow was refused (`ConnEvent::reason` of a deny).
+pub mod deny_reason {
+    pub const ACL: u8 = 1;
+    pub const RATE_LIMITED: u8 = 2;
+    pub const NO_BACKEND: u8 = 3;
+    pub const SNAT_EXHAUSTED: u8 = 4;
+    pub const CONNTRACK_FULL: u8 = 5;
+    pub const AUDIT_UNAVAILABLE: u8 = 6;
 }
 
 /// Why a backend was chosen (`ConnEvent::reason` of an open).
@@ -186,14 +352,16 @@ pub mod close_reason {
     pub const SHUTDOWN: u8 = 5;
 }
 
-/// A record pushed by the kernel through the `EVENTS` ring buffer.
+/// A record pushed by the kernel through the `EVENTS` ring buffer. For a deny, `backend` and
+/// `snat` are zero, `rule` is the matched ACL rule (or `u32::MAX`), and `packets_to_backend`
+/// counts the earlier denies of this source that were suppressed (not recorded one by one).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ConnEvent {
     pub kind: u8,
     pub proto: u8,
     pub af: u8,
-    /// `open_reason` or `close_reason`, depending on `kind`.
+    /// `open_reason`, `close_reason` or `deny_reason`, depending on `kind`.
     pub reason: u8,
     pub service_id: u32,
     pub flow_id: u64,
@@ -211,11 +379,20 @@ pub struct ConnEvent {
     pub backend_port: u16,
     pub snat_port: u16,
     pub generation: u32,
-    pub _pad: u32,
+    pub rule: u32,
     pub bytes_to_backend: u64,
     pub bytes_to_client: u64,
     pub packets_to_backend: u64,
     pub packets_to_client: u64,
+}
+
+/// A next hop resolved by the FIB, cached per CPU and backend (`HOPS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct HopCache {
+    pub hop: NextHop,
+    /// CLOCK_MONOTONIC_COARSE nanoseconds of the lookup; 0 = never.
+    pub resolved_ns: u64,
 }
 
 /// Single entry of the `CONFIG` array: run-time settings written by the daemon.
@@ -225,7 +402,17 @@ pub struct Config {
     /// Inclusive SNAT port range, host byte order.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
+    /// Maglev table size per service (a prime).
+    pub maglev_size: u32,
+    /// `config_flags` bits.
+    pub flags: u32,
     pub _pad: u32,
+}
+
+/// `Config::flags` bits.
+pub mod config_flags {
+    /// The audit log cannot be written and the policy is fail-closed: refuse new flows.
+    pub const REFUSE_NEW_FLOWS: u32 = 1;
 }
 
 #[cfg(feature = "user")]
@@ -240,6 +427,12 @@ mod user {
     unsafe impl aya::Pod for Flow {}
     unsafe impl aya::Pod for ConnEvent {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for HopCache {}
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for AclKey {}
+    unsafe impl aya::Pod for AclRule {}
+    unsafe impl aya::Pod for SourceKey {}
+    unsafe impl aya::Pod for SourceState {}
 }
 
 /// Conversions between the raw address words and `std::net` types (user space only).
@@ -300,12 +493,17 @@ mod tests {
     fn shared_layouts_have_no_implicit_padding() {
         use core::mem::size_of;
         assert_eq!(size_of::<ServiceKey>(), 20);
-        assert_eq!(size_of::<ServiceInfo>(), 16);
+        assert_eq!(size_of::<ServiceInfo>(), 24);
+        assert_eq!(size_of::<VipKey>(), 20);
+        assert_eq!(size_of::<AclKey>(), 20);
+        assert_eq!(size_of::<AclRule>(), 8);
+        assert_eq!(size_of::<SourceKey>(), 24);
+        assert_eq!(size_of::<SourceState>(), 32);
         assert_eq!(size_of::<Backend>(), 40);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<Flow>(), 56 + 32 + 4 + 4 * 5 + 2 * 16);
+        assert_eq!(size_of::<Flow>(), 6 * 8 + 32 + 4 + 12 + 16 + 8);
         assert_eq!(size_of::<NextHop>(), 16);
         assert_eq!(size_of::<ConnEvent>(), 8 + 8 + 8 + 8 + 64 + 8 + 8 + 32);
-        assert_eq!(size_of::<Config>(), 8);
+        assert_eq!(size_of::<Config>(), 16);
     }
 }

@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr, UdpSocket};
 
 use anyhow::{Context as _, bail};
 
-use crate::config::{ServiceSpec, Settings};
+use crate::config::{Cidr, ServiceSpec, Settings};
 
 /// A backend placed in the data plane.
 #[derive(Clone, Debug)]
@@ -19,6 +19,22 @@ pub struct PlacedBackend {
     pub weight: u32,
     /// Source address used towards this backend.
     pub snat: IpAddr,
+}
+
+/// An access rule placed in the data plane.
+#[derive(Clone, Debug)]
+pub struct PlacedRule {
+    /// Index in `RULE_HITS`, unique across services.
+    pub id: u32,
+    pub net: Cidr,
+    pub allow: bool,
+}
+
+impl PlacedRule {
+    /// How deny records and counters name the rule, e.g. `deny 10.1.2.0/24`.
+    pub fn describe(&self) -> String {
+        format!("{} {}", if self.allow { "allow" } else { "deny" }, self.net)
+    }
 }
 
 /// A service placed in the data plane.
@@ -32,18 +48,21 @@ pub struct PlacedService {
     pub generation: u32,
     /// Maglev table: for each slot, the `BACKENDS` index of the backend it points to.
     pub table: Vec<u32>,
+    pub rules: Vec<PlacedRule>,
 }
 
-/// Assigns ids and slots to the configured services and backends, resolves SNAT addresses
-/// (`--snat-ip`, else the kernel's route source towards each backend) and builds the tables.
-pub fn place(settings: &Settings, table_size: u32) -> anyhow::Result<Vec<PlacedService>> {
+/// Assigns ids and slots to the configured services, backends and access rules, resolves SNAT
+/// addresses (`--snat-ip` of the backend's family, else the kernel's route source towards the
+/// backend) and builds the Maglev tables.
+pub fn place(settings: &Settings) -> anyhow::Result<Vec<PlacedService>> {
     let mut next_backend = 0u32;
+    let mut next_rule = 0u32;
     let mut out = Vec::new();
     for (id, spec) in settings.services.iter().enumerate() {
         let mut backends = Vec::new();
         for b in &spec.backends {
-            let snat = match settings.snat_ip {
-                Some(ip) => ip,
+            let snat = match settings.snat_ips.iter().find(|ip| ip.is_ipv4() == b.addr.is_ipv4()) {
+                Some(ip) => *ip,
                 None => route_source(b.addr).with_context(|| {
                     format!("--backend {}={}: cannot find a source address towards it (give --snat-ip)", spec.name, b.addr)
                 })?,
@@ -51,8 +70,15 @@ pub fn place(settings: &Settings, table_size: u32) -> anyhow::Result<Vec<PlacedS
             backends.push(PlacedBackend { index: next_backend, addr: b.addr, weight: b.weight, snat });
             next_backend += 1;
         }
-        let table = maglev_table(&backends, table_size);
-        out.push(PlacedService { id: id as u32, spec: spec.clone(), backends, generation: 1, table });
+        let mut rules = Vec::new();
+        for (nets, allow) in [(&spec.allow, true), (&spec.deny, false)] {
+            for net in nets {
+                rules.push(PlacedRule { id: next_rule, net: *net, allow });
+                next_rule += 1;
+            }
+        }
+        let table = maglev_table(&backends, settings.maglev_table_size);
+        out.push(PlacedService { id: id as u32, spec: spec.clone(), backends, generation: 1, table, rules });
     }
     Ok(out)
 }

@@ -20,24 +20,38 @@ pub const DEFAULT_AUDIT_DIR: &str = "/var/lib/lb-daemon/audit";
 #[command(
     name = "lb-daemon",
     version,
-    about = "L4 TCP load balancer with an XDP data plane and a tamper-evident audit log"
+    about = "L4 TCP/UDP load balancer with an XDP data plane and a tamper-evident audit log"
 )]
 pub struct Args {
     /// Interface to attach the XDP program to (repeatable): client-facing and backend-facing.
-    #[arg(long = "iface", value_name = "IF", required = true)]
+    #[arg(long = "iface", value_name = "IF", required = true, value_parser = parse_iface)]
     pub ifaces: Vec<String>,
 
-    /// A service: its name, protocol, virtual IP and port (repeatable).
-    #[arg(long = "service", value_name = "NAME=tcp:IP:PORT", value_parser = parse_service)]
+    /// A service: its name, protocol, virtual IP and port, IPv6 as [IP]:PORT (repeatable).
+    #[arg(long = "service", value_name = "NAME=tcp|udp:IP:PORT", value_parser = parse_service)]
     pub services: Vec<ServiceFlag>,
 
     /// A backend of a service, with an optional weight (repeatable).
     #[arg(long = "backend", value_name = "SERVICE=IP:PORT[,weight=N]", value_parser = parse_backend)]
     pub backends: Vec<BackendFlag>,
 
-    /// Source address towards backends (default: the address of the interface leading to each).
+    /// Allow clients in CIDR to reach SERVICE (repeatable). A service with allow rules refuses
+    /// everyone else; the longest matching prefix among allow and deny rules decides.
+    #[arg(long = "allow", value_name = "SERVICE=CIDR", value_parser = parse_acl)]
+    pub allow: Vec<AclFlag>,
+
+    /// Refuse clients in CIDR for SERVICE (repeatable).
+    #[arg(long = "deny", value_name = "SERVICE=CIDR", value_parser = parse_acl)]
+    pub deny: Vec<AclFlag>,
+
+    /// At most N new flows per second from one client address to SERVICE.
+    #[arg(long = "rate-limit", value_name = "SERVICE=N/s", value_parser = parse_rate)]
+    pub rate_limits: Vec<RateFlag>,
+
+    /// Source address towards backends, one per address family (default: the address of the
+    /// interface leading to each backend).
     #[arg(long = "snat-ip", value_name = "IP")]
-    pub snat_ip: Option<IpAddr>,
+    pub snat_ips: Vec<IpAddr>,
 
     /// SNAT source ports (default: below the host's ephemeral range, from
     /// /proc/sys/net/ipv4/ip_local_port_range).
@@ -52,6 +66,19 @@ pub struct Args {
     #[arg(long = "tcp-idle-timeout", value_name = "DURATION", default_value = "300s", value_parser = parse_duration)]
     pub tcp_idle_timeout: Duration,
 
+    /// A UDP flow with no packet for this long is closed (`idle_timeout`).
+    #[arg(long = "udp-idle-timeout", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub udp_idle_timeout: Duration,
+
+    /// Maglev lookup table size per service: a prime, much larger than the number of backends.
+    #[arg(long = "maglev-table-size", value_name = "PRIME", default_value_t = lb_common::MAGLEV_TABLE_SIZE, value_parser = parse_table_size)]
+    pub maglev_table_size: u32,
+
+    /// Connection-tracking capacity (flows). Above 95% the least recently active flows are
+    /// evicted, each with a `conn_close` (`evicted`).
+    #[arg(long = "conntrack-size", value_name = "FLOWS", default_value_t = lb_common::CONNTRACK_MAX, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    pub conntrack_size: u32,
+
     /// How long a closed flow's entry lingers so trailing ACKs and retransmitted FINs pass.
     #[arg(long = "closed-linger", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub closed_linger: Duration,
@@ -63,6 +90,81 @@ pub struct ServiceFlag {
     pub name: String,
     pub proto: Proto,
     pub vip: SocketAddr,
+}
+
+/// `--allow SERVICE=CIDR` / `--deny SERVICE=CIDR`
+#[derive(Clone, Debug)]
+pub struct AclFlag {
+    pub service: String,
+    pub net: Cidr,
+}
+
+/// `--rate-limit SERVICE=N/s`
+#[derive(Clone, Debug)]
+pub struct RateFlag {
+    pub service: String,
+    pub per_sec: u32,
+}
+
+/// An address prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - self.len as u32).unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX.checked_shl(128 - self.len as u32).unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|_| format!("'{s}' is not an address or CIDR"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match len {
+            Some(l) => l.parse::<u8>().ok().filter(|l| *l <= max).ok_or_else(|| format!("'{s}': prefix length must be 0-{max}"))?,
+            None => max,
+        };
+        let c = Cidr { addr, len };
+        // Host bits set (10.1.2.3/16) are almost always a typo for the network: refuse them.
+        if !c.contains(addr) || c.network() != addr {
+            return Err(format!("'{s}': address has bits set beyond the prefix (did you mean {}/{len}?)", c.network()));
+        }
+        Ok(c)
+    }
+}
+
+impl Cidr {
+    /// The address with the bits beyond the prefix cleared.
+    pub fn network(&self) -> IpAddr {
+        match self.addr {
+            IpAddr::V4(a) => IpAddr::V4((u32::from(a) & u32::MAX.checked_shl(32 - self.len as u32).unwrap_or(0)).into()),
+            IpAddr::V6(a) => IpAddr::V6((u128::from(a) & u128::MAX.checked_shl(128 - self.len as u32).unwrap_or(0)).into()),
+        }
+    }
 }
 
 /// `--backend SERVICE=IP:PORT[,weight=N]`
@@ -78,13 +180,17 @@ pub struct BackendFlag {
 pub struct Settings {
     pub ifaces: Vec<String>,
     pub services: Vec<ServiceSpec>,
-    pub snat_ip: Option<IpAddr>,
+    pub snat_ips: Vec<IpAddr>,
     pub snat_ports: (u16, u16),
     pub audit_dir: PathBuf,
     #[serde(serialize_with = "as_secs")]
     pub tcp_idle_timeout: Duration,
     #[serde(serialize_with = "as_secs")]
+    pub udp_idle_timeout: Duration,
+    #[serde(serialize_with = "as_secs")]
     pub closed_linger: Duration,
+    pub maglev_table_size: u32,
+    pub conntrack_size: u32,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -93,6 +199,12 @@ pub struct ServiceSpec {
     pub proto: Proto,
     pub vip: SocketAddr,
     pub backends: Vec<BackendSpec>,
+    /// Access rules in flag order; the rule number in deny records is the position in the
+    /// daemon-wide list (`Settings::acl_rules`).
+    pub allow: Vec<Cidr>,
+    pub deny: Vec<Cidr>,
+    /// New flows per second per client address; `None` is unlimited.
+    pub rate_limit: Option<u32>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -116,7 +228,15 @@ impl Args {
             if let Some(o) = services.iter().find(|o| o.vip == s.vip && o.proto == s.proto) {
                 bail!("--service {}: {} is already service '{}'", s.name, s.vip, o.name);
             }
-            services.push(ServiceSpec { name: s.name, proto: s.proto, vip: s.vip, backends: Vec::new() });
+            services.push(ServiceSpec {
+                name: s.name,
+                proto: s.proto,
+                vip: s.vip,
+                backends: Vec::new(),
+                allow: Vec::new(),
+                deny: Vec::new(),
+                rate_limit: None,
+            });
         }
         if services.len() > lb_common::MAX_SERVICES as usize {
             bail!("--service: at most {} services are supported", lb_common::MAX_SERVICES);
@@ -136,14 +256,40 @@ impl Args {
             }
             svc.backends.push(BackendSpec { addr: b.addr, weight: b.weight });
         }
+        for (flag, rules, allow) in [("--allow", &self.allow, true), ("--deny", &self.deny, false)] {
+            for r in rules {
+                let Some(svc) = services.iter_mut().find(|s| s.name == r.service) else {
+                    bail!("{flag} {}={}: unknown service '{}' (declare it with --service)", r.service, r.net, r.service);
+                };
+                if r.net.addr.is_ipv4() != svc.vip.is_ipv4() {
+                    bail!("{flag} {}={}: address family differs from the service's VIP {}", r.service, r.net, svc.vip);
+                }
+                if svc.allow.contains(&r.net) || svc.deny.contains(&r.net) {
+                    bail!("{flag} {}={}: a rule for this prefix already exists", r.service, r.net);
+                }
+                if allow { svc.allow.push(r.net) } else { svc.deny.push(r.net) }
+            }
+        }
+        let rules: usize = services.iter().map(|s| s.allow.len() + s.deny.len()).sum();
+        if rules > lb_common::MAX_ACL_RULES as usize {
+            bail!("--allow/--deny: at most {} rules are supported", lb_common::MAX_ACL_RULES);
+        }
+        for r in self.rate_limits {
+            let Some(svc) = services.iter_mut().find(|s| s.name == r.service) else {
+                bail!("--rate-limit {}={}/s: unknown service '{}' (declare it with --service)", r.service, r.per_sec, r.service);
+            };
+            if svc.rate_limit.replace(r.per_sec).is_some() {
+                bail!("--rate-limit {}: given twice", r.service);
+            }
+        }
         let total: usize = services.iter().map(|s| s.backends.len()).sum();
         if total > lb_common::MAX_BACKENDS as usize {
             bail!("--backend: at most {} backends are supported", lb_common::MAX_BACKENDS);
         }
-        if let Some(ip) = self.snat_ip {
-            if ip.is_ipv6() {
-                bail!("--snat-ip {ip}: IPv6 SNAT addresses are not supported yet");
-            }
+        if self.snat_ips.iter().filter(|ip| ip.is_ipv4()).count() > 1
+            || self.snat_ips.iter().filter(|ip| ip.is_ipv6()).count() > 1
+        {
+            bail!("--snat-ip: give at most one address per family");
         }
         let snat_ports = match self.snat_ports {
             Some(r) => r,
@@ -152,11 +298,14 @@ impl Args {
         Ok(Settings {
             ifaces: self.ifaces,
             services,
-            snat_ip: self.snat_ip,
+            snat_ips: self.snat_ips,
             snat_ports,
             audit_dir: self.audit_dir,
             tcp_idle_timeout: self.tcp_idle_timeout,
+            udp_idle_timeout: self.udp_idle_timeout,
             closed_linger: self.closed_linger,
+            maglev_table_size: self.maglev_table_size,
+            conntrack_size: self.conntrack_size,
         })
     }
 }
@@ -178,19 +327,19 @@ fn default_snat_ports() -> anyhow::Result<(u16, u16)> {
 }
 
 fn parse_service(s: &str) -> Result<ServiceFlag, String> {
-    let (name, rest) = s.split_once('=').ok_or("expected NAME=tcp:IP:PORT")?;
+    let (name, rest) = s.split_once('=').ok_or("expected NAME=tcp|udp:IP:PORT")?;
     check_name(name)?;
-    let (proto, addr) = rest.split_once(':').ok_or("expected NAME=tcp:IP:PORT")?;
+    let (proto, addr) = rest.split_once(':').ok_or("expected NAME=tcp|udp:IP:PORT")?;
     let proto = match proto {
         "tcp" => Proto::Tcp,
-        "udp" => return Err("UDP services are not supported yet".into()),
-        other => return Err(format!("unknown protocol '{other}' (expected tcp)")),
+        "udp" => Proto::Udp,
+        other => return Err(format!("unknown protocol '{other}' (expected tcp or udp)")),
     };
     let vip: SocketAddr = addr
         .parse()
         .map_err(|_| format!("'{addr}' is not IP:PORT (IPv6 as [IP]:PORT)"))?;
-    if vip.is_ipv6() {
-        return Err("IPv6 services are not supported yet".into());
+    if vip.ip().is_unspecified() || vip.ip().is_multicast() {
+        return Err(format!("{} cannot be a virtual IP", vip.ip()));
     }
     if vip.port() == 0 {
         return Err("port 0 is not a valid service port".into());
@@ -223,6 +372,41 @@ fn parse_backend(s: &str) -> Result<BackendFlag, String> {
         }
     }
     Ok(BackendFlag { service: service.to_string(), addr, weight })
+}
+
+fn parse_iface(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty() && s.len() < 16 && !s.contains(['/', ':']) && !s.chars().any(char::is_whitespace) && s != "." && s != "..";
+    if ok { Ok(s.to_string()) } else { Err(format!("'{s}' is not a valid interface name")) }
+}
+
+fn parse_acl(s: &str) -> Result<AclFlag, String> {
+    let (service, net) = s.split_once('=').ok_or("expected SERVICE=CIDR")?;
+    check_name(service)?;
+    Ok(AclFlag { service: service.to_string(), net: net.parse()? })
+}
+
+fn parse_rate(s: &str) -> Result<RateFlag, String> {
+    let (service, rate) = s.split_once('=').ok_or("expected SERVICE=N/s")?;
+    check_name(service)?;
+    let n = rate.strip_suffix("/s").ok_or_else(|| format!("'{rate}': expected N/s, e.g. 200/s"))?;
+    let per_sec = n
+        .parse::<u32>()
+        .ok()
+        .filter(|n| (1..=10_000_000).contains(n))
+        .ok_or_else(|| format!("'{n}' is not a rate from 1 to 10000000 per second"))?;
+    Ok(RateFlag { service: service.to_string(), per_sec })
+}
+
+fn parse_table_size(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+    if !(251..=1_000_003).contains(&n) || !is_prime(n) {
+        return Err(format!("{n} is not a prime between 251 and 1000003 (e.g. 65537, 655373)"));
+    }
+    Ok(n)
+}
+
+fn is_prime(n: u32) -> bool {
+    n >= 2 && (2..).take_while(|d: &u32| d * d <= n).all(|d| n % d != 0)
 }
 
 fn check_name(name: &str) -> Result<(), String> {
@@ -296,6 +480,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("--backend") && e.contains("weight"), "{e}");
+    }
+
+    #[test]
+    fn acl_rate_and_ipv6() {
+        let s = settings(&[
+            "--service", "web6=tcp:[fd00::100]:80",
+            "--backend", "web6=[fd00:2::2]:8080",
+            "--service", "dns=udp:10.0.0.100:53",
+            "--allow", "dns=10.1.0.0/16",
+            "--deny", "dns=10.1.2.0/24",
+            "--rate-limit", "dns=200/s",
+        ])
+        .unwrap();
+        assert_eq!(s.services[1].allow.len(), 1);
+        assert_eq!(s.services[1].rate_limit, Some(200));
+        let e = settings(&["--service", "web=tcp:10.0.0.1:80", "--allow", "web=10.1.2.3/16"]).unwrap_err().to_string();
+        assert!(e.contains("--allow") && e.contains("10.1.0.0/16"), "{e}");
+        let e = settings(&["--service", "web=tcp:10.0.0.1:80", "--deny", "web=fd00::/8"]).unwrap_err().to_string();
+        assert!(e.contains("--deny") && e.contains("family"), "{e}");
+        let e = settings(&["--service", "web=tcp:10.0.0.1:80", "--rate-limit", "web=fast"]).unwrap_err().to_string();
+        assert!(e.contains("--rate-limit"), "{e}");
+        assert!(settings(&["--maglev-table-size", "65536"]).is_err());
+        assert_eq!(settings(&["--maglev-table-size", "4093"]).unwrap().maglev_table_size, 4093);
     }
 
     #[test]

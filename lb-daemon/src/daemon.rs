@@ -9,15 +9,15 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow};
-use lb_common::{ConnEvent, Flow, FlowKey, close_reason, event_kind, flow_state, open_reason};
+use lb_common::{ConnEvent, close_reason, deny_reason, event_kind, flow_state, open_reason};
 use tokio::io::{Interest, unix::AsyncFd};
 use tracing::{info, warn};
 
 use crate::{
-    audit::{AuditWriter, CloseReason, ConnClose, ConnOpen, DaemonStart, DaemonStop, Event, Proto},
+    audit::{AuditWriter, CloseReason, ConnClose, ConnDeny, ConnOpen, DaemonStart, DaemonStop, DenyReason, Event, Proto},
     balancer::{self, PlacedService},
     config::Settings,
-    dataplane::{self, Dataplane, socket_addr},
+    dataplane::{self, Dataplane, FlowPair, socket_addr},
     neighbors,
 };
 
@@ -27,13 +27,19 @@ const NEIGHBOR_REFRESH: Duration = Duration::from_secs(30);
 
 /// Runs the daemon until `shutdown` completes.
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    for iface in &settings.ifaces {
+        if !std::path::Path::new("/sys/class/net").join(iface).exists() {
+            anyhow::bail!("--iface {iface}: no such network interface");
+        }
+    }
     let mut audit = AuditWriter::open(&settings.audit_dir)
         .with_context(|| format!("--audit-dir {}: cannot open the audit log", settings.audit_dir.display()))?;
-    let services = balancer::place(&settings, lb_common::MAGLEV_TABLE_SIZE)?;
-    let names = dataplane::service_names(&services);
+    let services = balancer::place(&settings)?;
+    let names = Names::new(&services);
+    check_forwarding(&services)?;
 
-    let mut dp = Dataplane::load()?;
-    dp.configure(settings.snat_ports, flow_id_base())?;
+    let mut dp = Dataplane::load(settings.maglev_table_size, settings.conntrack_size)?;
+    dp.configure(settings.snat_ports, settings.maglev_table_size, flow_id_base())?;
     dp.install(&services)?;
     let backend_ips = backend_ips(&services);
     refresh_neighbors(backend_ips.clone()).await;
@@ -78,22 +84,39 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
     dp.detach_all()?;
     // Records the program pushed before it was detached come first.
     drain(ring.get_mut(), &mut audit, &names)?;
-    let now = SystemTime::now();
-    let now_boot = boottime_ns();
+    let clock = Clock::now();
     let mut closed = 0;
-    for (key, flow) in dp.flows()? {
-        if flow.state & flow_state::CLOSED == 0 {
-            let ev = close_record(&key, &flow, close_reason::SHUTDOWN, now_boot);
-            if let Some(event) = conn_event(&ev, &names) {
-                audit.append(now, event)?;
-                closed += 1;
-            }
+    for pair in dp.flows()? {
+        if pair.fwd.state & flow_state::CLOSED == 0 {
+            record_close(&mut audit, &names, &pair, close_reason::SHUTDOWN, &clock)?;
+            closed += 1;
         }
-        dp.remove_flow(&key, &flow)?;
+        dp.remove_flow(&pair)?;
     }
+    let now = SystemTime::now();
     audit.append(now, Event::DaemonStop(DaemonStop { reason: "signal".to_string() }))?;
     audit.sync()?;
     info!(closed_at_shutdown = closed, "stopped");
+    Ok(())
+}
+
+/// The kernel's FIB lookup from XDP answers "forwarding disabled" unless the host forwards;
+/// refuse to start rather than drop every new flow.
+fn check_forwarding(services: &[PlacedService]) -> anyhow::Result<()> {
+    for (v6, key) in [(false, "net/ipv4/ip_forward"), (true, "net/ipv6/conf/all/forwarding")] {
+        if !services.iter().any(|s| s.spec.vip.is_ipv6() == v6) {
+            continue;
+        }
+        let path = format!("/proc/sys/{key}");
+        let on = std::fs::read_to_string(&path).map(|v| v.trim() == "1").unwrap_or(false);
+        if !on {
+            anyhow::bail!(
+                "{} is not 1: the XDP program's FIB lookups need forwarding enabled (sysctl -w {}=1)",
+                key.replace('/', "."),
+                key.replace('/', ".")
+            );
+        }
+    }
     Ok(())
 }
 
@@ -126,7 +149,7 @@ async fn refresh_neighbors(ips: Vec<IpAddr>) {
 fn drain(
     ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
     audit: &mut AuditWriter,
-    names: &HashMap<u32, String>,
+    names: &Names,
 ) -> anyhow::Result<()> {
     let clock = Clock::now();
     while let Some(item) = ring.next() {
@@ -141,69 +164,124 @@ fn drain(
     Ok(())
 }
 
-/// Closes idle flows and forgets closed ones once their linger time is over.
+/// Closes idle flows, forgets closed ones once their linger time is over, and keeps the
+/// conntrack table below its high-water mark by evicting the least recently active flows, so
+/// the kernel never has to refuse a new flow for want of room.
 fn sweep_flows(
     dp: &mut Dataplane,
     audit: &mut AuditWriter,
-    names: &HashMap<u32, String>,
+    names: &Names,
     settings: &Settings,
 ) -> anyhow::Result<()> {
     let clock = Clock::now();
-    let idle = settings.tcp_idle_timeout.as_nanos() as u64;
     let linger = settings.closed_linger.as_nanos() as u64;
-    for (key, flow) in dp.flows()? {
-        let quiet = clock.boot_ns.saturating_sub(flow.last_seen_ns);
-        if flow.state & flow_state::CLOSED != 0 {
+    let mut remaining = 0usize;
+    let mut open = Vec::new();
+    for pair in dp.flows()? {
+        let quiet = clock.coarse_ns.saturating_sub(pair.last_seen_ns());
+        let idle = if pair.key.proto == lb_common::PROTO_UDP { settings.udp_idle_timeout } else { settings.tcp_idle_timeout };
+        if pair.fwd.state & flow_state::CLOSED != 0 {
             if quiet > linger {
-                dp.remove_flow(&key, &flow)?;
+                dp.remove_flow(&pair)?;
+            } else {
+                remaining += 1;
             }
-        } else if quiet > idle {
-            let ev = close_record(&key, &flow, close_reason::IDLE_TIMEOUT, clock.boot_ns);
-            if let Some(event) = conn_event(&ev, names) {
-                audit.append(clock.to_system(ev.ts_ns), event)?;
-            }
-            dp.remove_flow(&key, &flow)?;
+        } else if quiet > idle.as_nanos() as u64 {
+            close_in_user_space(dp, audit, names, &pair, close_reason::IDLE_TIMEOUT, &clock)?;
+        } else {
+            open.push(pair);
+        }
+    }
+    remaining += open.len();
+    let size = settings.conntrack_size as usize;
+    let (high, low) = (size * 95 / 100, size * 90 / 100);
+    if remaining > high {
+        open.sort_by_key(|p| p.last_seen_ns());
+        let evict = (remaining - low).min(open.len());
+        warn!(evict, table = size, "conntrack table above 95%: evicting the least recently active flows");
+        for pair in &open[..evict] {
+            close_in_user_space(dp, audit, names, pair, close_reason::EVICTED, &clock)?;
         }
     }
     Ok(())
 }
 
+/// Records a flow's end decided in user space (idle, evicted) and removes it from the kernel.
+fn close_in_user_space(
+    dp: &mut Dataplane,
+    audit: &mut AuditWriter,
+    names: &Names,
+    pair: &FlowPair,
+    reason: u8,
+    clock: &Clock,
+) -> anyhow::Result<()> {
+    // Remove first: a packet arriving now finds no flow rather than being counted after the
+    // record was written.
+    dp.remove_flow(pair)?;
+    record_close(audit, names, pair, reason, clock)
+}
+
+fn record_close(audit: &mut AuditWriter, names: &Names, pair: &FlowPair, reason: u8, clock: &Clock) -> anyhow::Result<()> {
+    let ev = close_record(pair, reason, clock.boot_ns);
+    if let Some(event) = conn_event(&ev, names) {
+        audit.append(clock.to_system(ev.ts_ns), event)?;
+    }
+    Ok(())
+}
+
 /// A close record built in user space, shaped like the kernel's.
-fn close_record(key: &FlowKey, f: &Flow, reason: u8, now_boot: u64) -> ConnEvent {
+fn close_record(pair: &FlowPair, reason: u8, now_boot: u64) -> ConnEvent {
+    let (k, f) = (&pair.key, &pair.fwd);
+    let rev = pair.rev.unwrap_or_default();
     ConnEvent {
         kind: event_kind::CONN_CLOSE,
-        proto: key.proto,
-        af: key.af,
+        proto: k.proto,
+        af: k.af,
         reason,
         service_id: f.service_id,
         flow_id: f.flow_id,
         ts_ns: now_boot,
         opened_ns: f.opened_ns,
-        client: key.src,
-        vip: key.dst,
-        backend: f.backend,
-        snat: f.snat,
-        client_port: key.sport,
-        vip_port: key.dport,
-        backend_port: f.backend_port,
-        snat_port: f.snat_port,
+        client: k.src,
+        vip: k.dst,
+        backend: f.nat_dst,
+        snat: f.nat_src,
+        client_port: k.sport,
+        vip_port: k.dport,
+        backend_port: f.nat_dport,
+        snat_port: f.nat_sport,
         generation: f.generation,
-        _pad: 0,
-        bytes_to_backend: f.bytes_to_backend,
-        bytes_to_client: f.bytes_to_client,
-        packets_to_backend: f.packets_to_backend,
-        packets_to_client: f.packets_to_client,
+        rule: u32::MAX,
+        bytes_to_backend: f.bytes,
+        bytes_to_client: rev.bytes,
+        packets_to_backend: f.packets,
+        packets_to_client: rev.packets,
+    }
+}
+
+/// What kernel records refer to by number: services and access rules.
+pub struct Names {
+    pub services: HashMap<u32, String>,
+    pub rules: HashMap<u32, String>,
+}
+
+impl Names {
+    pub fn new(services: &[PlacedService]) -> Self {
+        Self {
+            services: services.iter().map(|s| (s.id, s.spec.name.clone())).collect(),
+            rules: services.iter().flat_map(|s| s.rules.iter().map(|r| (r.id, r.describe()))).collect(),
+        }
     }
 }
 
 /// The audit event for a kernel connection record; `None` for a record it cannot name.
-pub fn conn_event(ev: &ConnEvent, names: &HashMap<u32, String>) -> Option<Event> {
+pub fn conn_event(ev: &ConnEvent, names: &Names) -> Option<Event> {
     let proto = match ev.proto {
         lb_common::PROTO_TCP => Proto::Tcp,
         lb_common::PROTO_UDP => Proto::Udp,
         _ => return None,
     };
-    let service = names.get(&ev.service_id).cloned().unwrap_or_else(|| format!("#{}", ev.service_id));
+    let service = names.services.get(&ev.service_id).cloned().unwrap_or_else(|| format!("#{}", ev.service_id));
     let client = socket_addr(ev.client, ev.af, ev.client_port);
     let vip = socket_addr(ev.vip, ev.af, ev.vip_port);
     let backend = socket_addr(ev.backend, ev.af, ev.backend_port);
@@ -243,6 +321,25 @@ pub fn conn_event(ev: &ConnEvent, names: &HashMap<u32, String>) -> Option<Event>
                 _ => CloseReason::Shutdown,
             },
         })),
+        event_kind::CONN_DENY => Some(Event::ConnDeny(ConnDeny {
+            proto,
+            client,
+            vip,
+            service,
+            reason: match ev.reason {
+                deny_reason::ACL => DenyReason::Acl,
+                deny_reason::RATE_LIMITED => DenyReason::RateLimited,
+                deny_reason::NO_BACKEND => DenyReason::NoBackend,
+                deny_reason::SNAT_EXHAUSTED => DenyReason::SnatExhausted,
+                deny_reason::CONNTRACK_FULL => DenyReason::ConntrackFull,
+                _ => DenyReason::AuditUnavailable,
+            },
+            rule: match ev.reason {
+                deny_reason::ACL => Some(names.rules.get(&ev.rule).cloned().unwrap_or_else(|| "default deny".to_string())),
+                _ => None,
+            },
+            suppressed: ev.packets_to_backend,
+        })),
         _ => None,
     }
 }
@@ -252,11 +349,13 @@ pub fn conn_event(ev: &ConnEvent, names: &HashMap<u32, String>) -> Option<Event>
 struct Clock {
     real: SystemTime,
     boot_ns: u64,
+    /// CLOCK_MONOTONIC_COARSE, the clock of flows' `last_seen_ns`.
+    coarse_ns: u64,
 }
 
 impl Clock {
     fn now() -> Self {
-        Self { real: SystemTime::now(), boot_ns: boottime_ns() }
+        Self { real: SystemTime::now(), boot_ns: clock_ns(libc::CLOCK_BOOTTIME), coarse_ns: clock_ns(libc::CLOCK_MONOTONIC_COARSE) }
     }
 
     fn to_system(&self, event_boot_ns: u64) -> SystemTime {
@@ -265,10 +364,11 @@ impl Clock {
     }
 }
 
-/// CLOCK_BOOTTIME in nanoseconds, the clock of `bpf_ktime_get_boot_ns`.
-pub fn boottime_ns() -> u64 {
+/// A clock in nanoseconds: CLOCK_BOOTTIME is `bpf_ktime_get_boot_ns`'s, CLOCK_MONOTONIC_COARSE
+/// is `bpf_ktime_get_coarse_ns`'s.
+fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `ts` is a valid, writable timespec; CLOCK_BOOTTIME exists on every supported kernel.
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    // SAFETY: `ts` is a valid, writable timespec; both clocks exist on every supported kernel.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

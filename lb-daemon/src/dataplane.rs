@@ -6,20 +6,36 @@ use std::{collections::HashMap as StdHashMap, net::SocketAddr};
 
 use anyhow::{Context as _, anyhow};
 use aya::{
-    Ebpf,
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues, RingBuf},
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues, RingBuf, lpm_trie::Key},
     programs::{Xdp, XdpMode, xdp::XdpLinkId},
     util::nr_cpus,
 };
 use lb_common::{
-    Backend, Config, ConnEvent, Flow, FlowKey, MAGLEV_TABLE_SIZE, ServiceInfo, ServiceKey, addr,
-    maps, stat,
+    AclKey, AclRule, Backend, Config, ConnEvent, Flow, FlowKey, MAX_ACL_RULES, MAX_SERVICES,
+    ServiceInfo, ServiceKey, VipKey, acl_action, addr, config_flags, flow_dir, maps, service_flags, stat,
 };
 
 use crate::{audit::Proto, balancer::PlacedService};
 
 /// The eBPF object built from `lb-ebpf` by the build script.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-xdp"));
+
+/// A connection as the kernel tracks it: the forward entry (keyed by the client's 5-tuple)
+/// and, normally, its reply entry.
+#[derive(Clone, Copy, Debug)]
+pub struct FlowPair {
+    pub key: FlowKey,
+    pub fwd: Flow,
+    pub rev: Option<Flow>,
+}
+
+impl FlowPair {
+    /// The last packet either way (CLOCK_MONOTONIC_COARSE ns).
+    pub fn last_seen_ns(&self) -> u64 {
+        self.fwd.last_seen_ns.max(self.rev.map_or(0, |r| r.last_seen_ns))
+    }
+}
 
 /// A loaded (and possibly attached) data plane. Dropping it detaches the program.
 pub struct Dataplane {
@@ -28,14 +44,19 @@ pub struct Dataplane {
 }
 
 impl Dataplane {
-    /// Loads the object and the XDP program into the kernel, without attaching it.
-    pub fn load() -> anyhow::Result<Self> {
+    /// Loads the object and the XDP program into the kernel, without attaching it. The Maglev
+    /// and conntrack maps are sized here, from the configuration.
+    pub fn load(maglev_size: u32, conntrack_size: u32) -> anyhow::Result<Self> {
         if EBPF_OBJECT.is_empty() {
             return Err(anyhow!(
                 "this binary was built without the eBPF object (AYA_BUILD_SKIP); rebuild after `cargo xtask setup`"
             ));
         }
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).context("loading the eBPF object")?;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(maps::MAGLEV, MAX_SERVICES * maglev_size)
+            .map_max_entries(maps::FLOWS, 2 * conntrack_size)
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object")?;
         let prog: &mut Xdp = program(&mut ebpf)?;
         prog.load().context("loading the XDP program (verifier)")?;
         Ok(Self { ebpf, links: Vec::new() })
@@ -44,6 +65,19 @@ impl Dataplane {
     /// The XDP program, e.g. for `BPF_PROG_TEST_RUN`.
     pub fn program(&mut self) -> anyhow::Result<&mut Xdp> {
         program(&mut self.ebpf)
+    }
+
+    /// The pass-everything program of the same object, loaded: the benchmarks' floor.
+    pub fn pass_program(&mut self) -> anyhow::Result<&mut Xdp> {
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(lb_common::XDP_PASS_PROGRAM)
+            .ok_or_else(|| anyhow!("program {} missing from the eBPF object", lb_common::XDP_PASS_PROGRAM))?
+            .try_into()?;
+        if prog.fd().is_err() {
+            prog.load()?;
+        }
+        Ok(prog)
     }
 
     /// Attaches the program to an interface, in native mode when the driver has it.
@@ -67,11 +101,17 @@ impl Dataplane {
     }
 
     /// Writes run-time settings and seeds the per-CPU flow-id counters.
-    pub fn configure(&mut self, snat_ports: (u16, u16), flow_id_base: u64) -> anyhow::Result<()> {
+    pub fn configure(&mut self, snat_ports: (u16, u16), maglev_size: u32, flow_id_base: u64) -> anyhow::Result<()> {
         let mut cfg: Array<&mut MapData, Config> = Array::try_from(self.map(maps::CONFIG)?)?;
         cfg.set(
             0,
-            Config { snat_port_min: snat_ports.0, snat_port_max: snat_ports.1, _pad: 0 },
+            Config {
+                snat_port_min: snat_ports.0,
+                snat_port_max: snat_ports.1,
+                maglev_size,
+                flags: 0,
+                _pad: 0,
+            },
             0,
         )?;
         let ncpu = nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
@@ -80,7 +120,20 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Writes services, backends and Maglev tables.
+    /// Makes the program refuse (`true`) or accept new flows: the fail-closed audit policy.
+    pub fn refuse_new_flows(&mut self, refuse: bool) -> anyhow::Result<()> {
+        let mut cfg: Array<&mut MapData, Config> = Array::try_from(self.map(maps::CONFIG)?)?;
+        let mut c = cfg.get(&0, 0)?;
+        if refuse {
+            c.flags |= config_flags::REFUSE_NEW_FLOWS;
+        } else {
+            c.flags &= !config_flags::REFUSE_NEW_FLOWS;
+        }
+        cfg.set(0, c, 0)?;
+        Ok(())
+    }
+
+    /// Writes services, backends, Maglev tables and access rules.
     pub fn install(&mut self, services: &[PlacedService]) -> anyhow::Result<()> {
         {
             let mut backends: Array<&mut MapData, Backend> = Array::try_from(self.map(maps::BACKENDS)?)?;
@@ -88,7 +141,7 @@ impl Dataplane {
                 for b in &s.backends {
                     let (a, af) = addr::to_words(b.addr.ip());
                     let (snat, _) = addr::to_words(b.snat);
-                    let entry = Backend { addr: a, snat_addr: snat, port: b.addr.port().to_be(), af, _pad: [0; 5] };
+                    let entry = Backend { addr: a, snat_addr: snat, port: b.addr.port().to_be(), af, _pad0: 0, _pad1: 0 };
                     backends.set(b.index, entry, 0)?;
                 }
             }
@@ -96,10 +149,28 @@ impl Dataplane {
         {
             let mut maglev: Array<&mut MapData, u32> = Array::try_from(self.map(maps::MAGLEV)?)?;
             for s in services {
-                let base = s.id * MAGLEV_TABLE_SIZE;
+                let base = s.id * s.table.len() as u32;
                 for (slot, &idx) in s.table.iter().enumerate() {
                     maglev.set(base + slot as u32, idx, 0)?;
                 }
+            }
+        }
+        {
+            let mut acl: LpmTrie<&mut MapData, AclKey, AclRule> = LpmTrie::try_from(self.map(maps::ACL)?)?;
+            for s in services {
+                for r in &s.rules {
+                    let (words, af) = addr::to_words(r.net.addr);
+                    let key = Key::new(32 + r.net.len as u32, AclKey { scope: AclKey::scope(s.id, af), addr: words });
+                    let action = if r.allow { acl_action::ALLOW } else { acl_action::DENY };
+                    acl.insert(&key, AclRule { rule_id: r.id, action }, 0)?;
+                }
+            }
+        }
+        {
+            let mut vips: HashMap<&mut MapData, VipKey, u32> = HashMap::try_from(self.map(maps::VIPS)?)?;
+            for s in services {
+                let (words, af) = addr::to_words(s.spec.vip.ip());
+                vips.insert(VipKey { addr: words, af, _pad0: 0, _pad1: 0 }, 1, 0)?;
             }
         }
         let mut svc_map: HashMap<&mut MapData, ServiceKey, ServiceInfo> =
@@ -109,6 +180,9 @@ impl Dataplane {
                 id: s.id,
                 backend_count: s.backends.len() as u32,
                 generation: s.generation,
+                flags: if s.rules.iter().any(|r| r.allow) { service_flags::DEFAULT_DENY } else { 0 }
+                    | if s.rules.is_empty() { 0 } else { service_flags::HAS_RULES },
+                rate_per_sec: s.spec.rate_limit.unwrap_or(0),
                 _pad: 0,
             };
             svc_map.insert(service_key(s), info, 0)?;
@@ -122,28 +196,28 @@ impl Dataplane {
         Ok(RingBuf::try_from(map)?)
     }
 
-    /// Every conntrack entry (client-side key and state).
-    pub fn flows(&mut self) -> anyhow::Result<Vec<(FlowKey, Flow)>> {
-        let ct: HashMap<&mut MapData, FlowKey, Flow> = HashMap::try_from(self.map(maps::CONNTRACK)?)?;
-        // Entries may vanish while iterating (LRU, the program's own updates): skip those.
-        Ok(ct.iter().filter_map(Result::ok).collect())
+    /// Every connection in the kernel, both directions paired.
+    pub fn flows(&mut self) -> anyhow::Result<Vec<FlowPair>> {
+        let map: HashMap<&mut MapData, FlowKey, Flow> = HashMap::try_from(self.map(maps::FLOWS)?)?;
+        // Entries may vanish while iterating (the program's own updates): skip those.
+        let entries: Vec<(FlowKey, Flow)> = map.iter().filter_map(Result::ok).collect();
+        let replies: StdHashMap<FlowKey, Flow> =
+            entries.iter().filter(|(_, f)| f.dir == flow_dir::REPLY).map(|(k, f)| (*k, *f)).collect();
+        Ok(entries
+            .into_iter()
+            .filter(|(_, f)| f.dir == flow_dir::FORWARD)
+            .map(|(key, fwd)| {
+                let rev = replies.get(&fwd.peer_key(key.proto, key.af)).copied();
+                FlowPair { key, fwd, rev }
+            })
+            .collect())
     }
 
-    /// Removes a flow's entries from both conntrack maps.
-    pub fn remove_flow(&mut self, key: &FlowKey, flow: &Flow) -> anyhow::Result<()> {
-        let rkey = FlowKey {
-            src: flow.backend,
-            dst: flow.snat,
-            sport: flow.backend_port,
-            dport: flow.snat_port,
-            proto: key.proto,
-            af: key.af,
-            _pad: [0; 2],
-        };
-        let mut rev: HashMap<&mut MapData, FlowKey, FlowKey> = HashMap::try_from(self.map(maps::REVERSE)?)?;
-        let _ = rev.remove(&rkey);
-        let mut ct: HashMap<&mut MapData, FlowKey, Flow> = HashMap::try_from(self.map(maps::CONNTRACK)?)?;
-        let _ = ct.remove(key);
+    /// Removes both entries of a connection.
+    pub fn remove_flow(&mut self, pair: &FlowPair) -> anyhow::Result<()> {
+        let mut map: HashMap<&mut MapData, FlowKey, Flow> = HashMap::try_from(self.map(maps::FLOWS)?)?;
+        let _ = map.remove(&pair.key);
+        let _ = map.remove(&pair.fwd.peer_key(pair.key.proto, pair.key.af));
         Ok(())
     }
 
@@ -153,6 +227,12 @@ impl Dataplane {
         (0..stat::COUNT)
             .map(|i| Ok(st.get(&i, 0)?.iter().sum()))
             .collect()
+    }
+
+    /// Matches per access rule, summed over CPUs, indexed by rule id.
+    pub fn rule_hits(&mut self, rules: u32) -> anyhow::Result<Vec<u64>> {
+        let hits: PerCpuArray<&mut MapData, u64> = PerCpuArray::try_from(self.map(maps::RULE_HITS)?)?;
+        (0..rules.min(MAX_ACL_RULES)).map(|i| Ok(hits.get(&i, 0)?.iter().sum())).collect()
     }
 
     fn map(&mut self, name: &str) -> anyhow::Result<&mut aya::maps::Map> {
@@ -193,9 +273,4 @@ pub fn decode_event(bytes: &[u8]) -> Option<ConnEvent> {
 /// Socket address from raw words, an `af` tag and a network-order port.
 pub fn socket_addr(words: [u32; 4], af: u8, port_be: u16) -> SocketAddr {
     SocketAddr::new(addr::from_words(words, af), u16::from_be(port_be))
-}
-
-/// Names of the services by id, for turning kernel records into audit records.
-pub fn service_names(services: &[PlacedService]) -> StdHashMap<u32, String> {
-    services.iter().map(|s| (s.id, s.spec.name.clone())).collect()
 }

@@ -23,3 +23,12 @@ pub fn replace4(check: u16, from: u32, to: u32) -> u16 {
 pub fn replace2(check: u16, from: u16, to: u16) -> u16 {
     !fold((!check) as u32 + (!from) as u32 + to as u32)
 }
+
+/// The checksum after a 128-bit field (an IPv6 address, as four raw words) changed.
+#[inline(always)]
+pub fn replace16(mut check: u16, from: &[u32; 4], to: &[u32; 4]) -> u16 {
+    check = replace4(check, from[0], to[0]);
+    check = replace4(check, from[1], to[1]);
+    check = replace4(check, from[2], to[2]);
+    replace4(check, from[3], to[3])
+}

@@ -1,53 +1,78 @@
-//! The XDP data plane: full-NAT TCP load balancing with connection tracking and one audit
-//! record per connection opening and closing, pushed through a ring buffer.
+//! The XDP data plane: full-NAT TCP and UDP load balancing over IPv4 and IPv6, with connection
+//! tracking, access control, and one audit record per connection opening, closing or refusal,
+//! pushed through a ring buffer.
 //!
 //! Per packet, in order:
-//! 1. parse Ethernet / IPv4 / TCP; anything else goes to the host stack untouched;
-//! 2. a packet whose 5-tuple is in `REVERSE` is a backend's reply: reverse-NAT it to the client;
-//! 3. a packet to a service (`SERVICES`) follows its `CONNTRACK` entry, or opens one on a SYN
-//!    (Maglev slot → backend, next hop from the FIB, SNAT port reserved in `REVERSE`);
-//! 4. addresses, ports and checksums are rewritten and the frame is redirected.
+//! 1. parse Ethernet / IPv4 or IPv6 / TCP or UDP (or an ICMP error); anything else, and
+//!    anything not addressed to a service, goes to the host stack untouched;
+//! 2. a 5-tuple in `FLOWS` is an established flow, one entry per direction: the forward entry
+//!    NATs the client's packets to the backend, the reply entry the backend's back to the client;
+//! 3. otherwise a packet that may open a flow (a TCP SYN, any UDP datagram) to a service in
+//!    `SERVICES` passes the access checks (fail-closed audit, ACL, rate limit), gets a backend
+//!    from the Maglev table, a next hop from the FIB and a SNAT port, and opens a flow.
+//! Every check happens before the first byte is rewritten: a packet is forwarded whole or not
+//! at all.
 //!
-//! A flow closes when both sides have sent FIN, or on RST; the entry then lingers (marked
-//! `CLOSED`) so trailing ACKs still pass, until the daemon sweeps it.
+//! A TCP flow closes when both sides have sent FIN, or on RST; the entry then lingers (marked
+//! `CLOSED`) so trailing ACKs still pass, until the daemon sweeps it. UDP flows, and TCP flows
+//! that go quiet, are closed by the daemon's idle sweep.
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
 mod atomic;
+mod copy;
 mod csum;
 mod headers;
 
+use core::ptr::{read_unaligned as rd, write_unaligned as wr};
+
 use aya_ebpf::{
+    EbpfContext,
     bindings::{BPF_ANY, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, bpf_fib_lookup, xdp_action},
     helpers::{
         bpf_fib_lookup as fib_lookup, bpf_get_prandom_u32, bpf_get_smp_processor_id,
-        bpf_ktime_get_boot_ns, bpf_redirect,
+        bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns, bpf_redirect,
     },
     macros::{map, xdp},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::XdpContext,
-    EbpfContext,
 };
 use lb_common::{
-    AF_INET, Backend, Config, ConnEvent, CONNTRACK_MAX, EVENTS_RING_BYTES, Flow, FlowKey,
-    MAGLEV_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES, NextHop, PROTO_TCP, ServiceInfo, ServiceKey,
-    close_reason, event_kind, flow_state, open_reason, stat,
+    ACL_LOOKUP_PREFIX, AF_INET, AF_INET6, AclKey, AclRule, Backend, CONNTRACK_MAX, Config, HopCache,
+    ConnEvent, EVENTS_RING_BYTES, Flow, FlowKey, MAGLEV_TABLE_SIZE, MAX_ACL_RULES, MAX_BACKENDS,
+    MAX_SERVICES, NextHop, PROTO_TCP, PROTO_UDP, SOURCES_MAX, ServiceInfo, ServiceKey, SourceKey,
+    SourceState, VipKey, acl_action, close_reason, config_flags, deny_reason, event_kind,
+    flow_dir, flow_state, open_reason, service_flags, stat,
 };
 
-use headers::{ETH_HLEN, ETH_P_IP, EthHdr, Ipv4Hdr, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TcpHdr};
+use headers::*;
 
 #[map]
 static SERVICES: HashMap<ServiceKey, ServiceInfo> = HashMap::with_max_entries(MAX_SERVICES, 0);
 #[map]
+static VIPS: HashMap<VipKey, u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
+#[map]
 static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+/// Sized by the daemon at load time: `MAX_SERVICES * Config::maglev_size`.
 #[map]
 static MAGLEV: Array<u32> = Array::with_max_entries(MAX_SERVICES * MAGLEV_TABLE_SIZE, 0);
+/// Both directions of every connection (see `Flow`); sized by the daemon at load time to
+/// twice `--conntrack-size`. Not LRU: the kernel never drops a flow silently. The daemon evicts
+/// (with a record) before the table fills; a flow that still finds it full is refused with a
+/// record.
 #[map]
-static CONNTRACK: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(CONNTRACK_MAX, 0);
+static FLOWS: HashMap<FlowKey, Flow> = HashMap::with_max_entries(2 * CONNTRACK_MAX, 0);
+/// Next hop per backend, resolved by the FIB at most once a second per CPU.
 #[map]
-static REVERSE: LruHashMap<FlowKey, FlowKey> = LruHashMap::with_max_entries(CONNTRACK_MAX, 0);
+static HOPS: PerCpuArray<HopCache> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+#[map]
+static ACL: LpmTrie<AclKey, AclRule> = LpmTrie::with_max_entries(MAX_ACL_RULES, 0);
+#[map]
+static RULE_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_ACL_RULES, 0);
+#[map]
+static SOURCES: LruHashMap<SourceKey, SourceState> = LruHashMap::with_max_entries(SOURCES_MAX, 0);
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 #[map]
@@ -56,9 +81,24 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[map]
 static FLOW_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+/// Per-CPU scratch space where a new flow's two entries are built: the BPF stack (512 bytes)
+/// is too small to hold them next to everything else.
+#[map]
+static SCRATCH_FLOW: PerCpuArray<Flow> = PerCpuArray::with_max_entries(2, 0);
 
+/// How long a cached next hop is trusted.
+const HOP_TTL_NS: u64 = 1_000_000_000;
 /// SNAT ports tried per new flow before it is refused.
 const SNAT_PORT_TRIES: u32 = 8;
+/// At most one deny record per source and service per this interval; the others are counted.
+const DENY_RECORD_INTERVAL_NS: u64 = 1_000_000_000;
+/// Token-bucket units per new flow.
+const TOKEN: u64 = 1_000_000;
+/// Largest transport header offset: Ethernet, then an IPv4 header with 40 bytes of options.
+const MAX_L4_OFFSET: usize = ETH_HLEN + 60;
+/// `rule` of a deny record that no ACL rule caused.
+const NO_RULE: u32 = u32::MAX;
+const E2BIG: i64 = 7;
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
@@ -66,6 +106,12 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         Ok(action) => action,
         Err(()) => xdp_action::XDP_PASS,
     }
+}
+
+/// A program that passes every packet: the per-packet floor the benchmarks compare against.
+#[xdp]
+pub fn lb_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
 }
 
 #[inline(always)]
@@ -88,156 +134,358 @@ fn drop_with(index: u32) -> Result<u32, ()> {
     Ok(xdp_action::XDP_DROP)
 }
 
+/// Packets the balancer will not handle: dropped with a counter when addressed to a VIP (the
+/// host does not own the VIP and would route them away), passed to the host otherwise.
+#[inline(always)]
+fn not_handled(dst: &[u32; 4], af: u8, index: u32) -> Result<u32, ()> {
+    let key = VipKey { addr: *dst, af, _pad0: 0, _pad1: 0 };
+    // SAFETY: map lookup; the value is not used.
+    if unsafe { VIPS.get(&key) }.is_some() { drop_with(index) } else { pass() }
+}
+
 /// Pointer to a `T` at `offset` in the packet, if the whole `T` is inside it.
+///
+/// The context fields are read with volatile loads so LLVM cannot hoist them into a caller
+/// and pass them as plain integers: the verifier refuses arithmetic on such copies.
 #[inline(always)]
 fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, ()> {
-    let start = ctx.data();
-    let end = ctx.data_end();
+    // SAFETY: `ctx.ctx` is the program's context pointer.
+    let (start, end) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*ctx.ctx).data) as usize,
+            core::ptr::read_volatile(&raw const (*ctx.ctx).data_end) as usize,
+        )
+    };
     if start + offset + core::mem::size_of::<T>() > end {
         return Err(());
     }
     Ok((start + offset) as *mut T)
 }
 
+/// A parsed TCP or UDP packet. It lives in a per-CPU scratch map rather than on the 512-byte
+/// BPF stack, and header positions are offsets: each use re-checks bounds (cheaply).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Packet {
+    key: FlowKey,
+    /// Offset of the transport header.
+    l4: u64,
+    /// Transport payload bytes.
+    payload: u64,
+    /// TCP flags (0 for UDP).
+    flags: u8,
+    _pad0: u8,
+    _pad1: u16,
+    _pad2: u32,
+}
+
+/// Scratch space for the packet being handled (one per CPU; XDP runs to completion).
+#[map]
+static SCRATCH_PACKET: PerCpuArray<Packet> = PerCpuArray::with_max_entries(1, 0);
+
 fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
-    // SAFETY: `eth` is bounds-checked by `ptr_at`.
-    if unsafe { (*eth).ether_type } != ETH_P_IP.to_be() {
-        return pass();
+    // SAFETY: bounds-checked by `ptr_at`.
+    let ether_type = unsafe { (*eth).ether_type };
+    if ether_type == ETH_P_IP.to_be() {
+        ipv4(ctx)
+    } else if ether_type == ETH_P_IPV6.to_be() {
+        ipv6(ctx)
+    } else if ether_type == ETH_P_8021Q.to_be() || ether_type == ETH_P_8021AD.to_be() {
+        count(stat::PASSED_VLAN);
+        Ok(xdp_action::XDP_PASS)
+    } else {
+        pass()
     }
+}
+
+fn ipv4(ctx: &XdpContext) -> Result<u32, ()> {
     let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_HLEN)?;
-    // SAFETY: `ip` is bounds-checked by `ptr_at`; fields are read unaligned.
-    let (vhl, frag, proto, tot_len) = unsafe {
+    // SAFETY: bounds-checked by `ptr_at`.
+    let (vhl, frag, proto, tot_len, dst) = unsafe {
         (
             (*ip).vhl,
-            u16::from_be(core::ptr::read_unaligned(&raw const (*ip).frag_off)),
+            u16::from_be(rd(&raw const (*ip).frag_off)),
             (*ip).protocol,
-            u16::from_be(core::ptr::read_unaligned(&raw const (*ip).tot_len)) as usize,
+            u16::from_be(rd(&raw const (*ip).tot_len)) as usize,
+            rd(&raw const (*ip).daddr),
         )
     };
+    let dst = [dst, 0, 0, 0];
     let ihl = ((vhl & 0x0f) as usize) * 4;
-    // Malformed headers and fragments are the host stack's business, not ours.
-    if vhl >> 4 != 4 || ihl < 20 || frag & 0x3fff != 0 || proto != PROTO_TCP {
-        return pass();
+    if vhl >> 4 != 4 || ihl < 20 || tot_len < ihl || ctx.data() + ETH_HLEN + tot_len > ctx.data_end() {
+        return not_handled(&dst, AF_INET, stat::DROP_MALFORMED);
+    }
+    if frag & 0x3fff != 0 {
+        return not_handled(&dst, AF_INET, stat::DROP_FRAGMENT);
     }
     let l4 = ETH_HLEN + ihl;
-    let tcp: *mut TcpHdr = ptr_at(ctx, l4)?;
-    // SAFETY: `ip` and `tcp` are bounds-checked.
-    let (src, dst, sport, dport, doff, flags) = unsafe {
+    match proto {
+        PROTO_TCP | PROTO_UDP => {
+            Ok(handle(ctx, l4, tot_len - ihl, AF_INET))
+        }
+        IPPROTO_ICMP => Ok(icmp_error(ctx, l4, AF_INET)),
+        _ => not_handled(&dst, AF_INET, stat::DROP_UNSUPPORTED),
+    }
+}
+
+fn ipv6(ctx: &XdpContext) -> Result<u32, ()> {
+    let ip: *mut Ipv6Hdr = ptr_at(ctx, ETH_HLEN)?;
+    // SAFETY: bounds-checked by `ptr_at`.
+    let (vtc, next, plen, dst) = unsafe {
         (
-            core::ptr::read_unaligned(&raw const (*ip).saddr),
-            core::ptr::read_unaligned(&raw const (*ip).daddr),
-            core::ptr::read_unaligned(&raw const (*tcp).source),
-            core::ptr::read_unaligned(&raw const (*tcp).dest),
-            (((*tcp).doff_res >> 4) as usize) * 4,
-            (*tcp).flags,
+            rd(&raw const (*ip).vtc_flow),
+            (*ip).nexthdr,
+            u16::from_be(rd(&raw const (*ip).payload_len)) as usize,
+            rd(&raw const (*ip).daddr),
         )
     };
-    if doff < 20 || tot_len < ihl + doff {
-        return pass();
+    if (u32::from_be(vtc) >> 28) != 6 || ctx.data() + ETH_HLEN + IPV6_HLEN + plen > ctx.data_end() {
+        return not_handled(&dst, AF_INET6, stat::DROP_MALFORMED);
     }
-    let payload = (tot_len - ihl - doff) as u64;
-    let key = FlowKey {
-        src: [src, 0, 0, 0],
-        dst: [dst, 0, 0, 0],
-        sport,
-        dport,
-        proto,
-        af: AF_INET,
-        _pad: [0; 2],
-    };
-    let pkt = Packet { ctx, eth, ip, tcp, payload, flags };
-
-    if let Some(client_key) = REVERSE.get_ptr(&key) {
-        // SAFETY: map value pointer, valid for the duration of this program run.
-        let client_key = unsafe { *client_key };
-        return reply(&pkt, &key, &client_key);
+    let l4 = ETH_HLEN + IPV6_HLEN;
+    match next {
+        PROTO_TCP | PROTO_UDP => {
+            Ok(handle(ctx, l4, plen, AF_INET6))
+        }
+        IPPROTO_ICMPV6 => Ok(icmp_error(ctx, l4, AF_INET6)),
+        IPPROTO_FRAGMENT => not_handled(&dst, AF_INET6, stat::DROP_FRAGMENT),
+        // Hop-by-hop, routing, destination options, mobility, HIP, shim6, AH, ESP...
+        0 | 43 | 60 | 135 | 139 | 140 | 51 | 50 => not_handled(&dst, AF_INET6, stat::DROP_IPV6_EXT),
+        _ => not_handled(&dst, AF_INET6, stat::DROP_UNSUPPORTED),
     }
-    let svc_key = ServiceKey { addr: key.dst, port: dport, proto, af: AF_INET };
-    // SAFETY: map value pointer, copied at once.
-    let Some(svc) = (unsafe { SERVICES.get(&svc_key) }).copied() else {
-        return pass();
-    };
-    forward(&pkt, &key, &svc)
 }
 
-/// The parsed packet being handled.
-struct Packet<'a> {
-    ctx: &'a XdpContext,
-    eth: *mut EthHdr,
-    ip: *mut Ipv4Hdr,
-    tcp: *mut TcpHdr,
-    payload: u64,
-    flags: u8,
+/// Parses a TCP or UDP header at `l4` whose IP payload is `l4_len` bytes. `Ok(None)` for a
+/// header that is truncated or inconsistent with the IP length.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn transport(
+    ctx: &XdpContext,
+    out: &mut Packet,
+    l4: usize,
+    l4_len: usize,
+    proto: u8,
+    src: [u32; 4],
+    dst: [u32; 4],
+    af: u8,
+) -> Result<bool, ()> {
+    let (payload, flags, csum_off) = if proto == PROTO_TCP {
+        let Ok(t) = ptr_at::<[u8; TCP_HLEN]>(ctx, l4) else { return Ok(false) };
+        // SAFETY: bounds-checked by `ptr_at`.
+        let (doff, flags) = unsafe { ((((*t)[12] >> 4) as usize) * 4, (*t)[13]) };
+        if doff < TCP_HLEN || doff > l4_len {
+            return Ok(false);
+        }
+        (l4_len - doff, flags, TCP_CSUM_OFF)
+    } else {
+        let Ok(u) = ptr_at::<[u8; UDP_HLEN]>(ctx, l4) else { return Ok(false) };
+        // SAFETY: bounds-checked by `ptr_at`.
+        let ulen = unsafe { u16::from_be_bytes([(*u)[4], (*u)[5]]) } as usize;
+        if ulen < UDP_HLEN || ulen > l4_len {
+            return Ok(false);
+        }
+        (ulen - UDP_HLEN, 0, UDP_CSUM_OFF)
+    };
+    let _: *mut u16 = ptr_at(ctx, l4 + csum_off)?;
+    let l4p: *mut L4Ports = ptr_at(ctx, l4)?;
+    // SAFETY: bounds-checked by `ptr_at`.
+    let (sport, dport) = unsafe { (rd(&raw const (*l4p).source), rd(&raw const (*l4p).dest)) };
+    // SAFETY: plain copies into the scratch value.
+    unsafe {
+        copy::addr(&raw mut out.key.src, &src);
+        copy::addr(&raw mut out.key.dst, &dst);
+    }
+    out.key.sport = sport;
+    out.key.dport = dport;
+    out.key.proto = proto;
+    out.key.af = af;
+    out.key._pad = 0;
+    out.l4 = l4 as u64;
+    out.payload = payload as u64;
+    out.flags = flags;
+    Ok(true)
 }
 
-fn forward(pkt: &Packet, key: &FlowKey, svc: &ServiceInfo) -> Result<u32, ()> {
-    let syn = pkt.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    let now = unsafe { bpf_ktime_get_boot_ns() };
-    let flow = match CONNTRACK.get_ptr_mut(key) {
-        // SAFETY: map value pointer, valid for the duration of this program run.
-        Some(f) if !(syn && unsafe { (*f).state } & flow_state::CLOSED != 0) => f,
-        existing => {
-            if !syn {
-                return drop_with(stat::DROP_NO_FLOW);
-            }
-            if let Some(old) = existing {
-                // A closed flow's 5-tuple is being reused: release its SNAT port first.
-                // SAFETY: map value pointer.
-                let old = unsafe { *old };
-                let _ = REVERSE.remove(&reverse_key(key, &old));
-            }
-            match open_flow(pkt, key, svc, now) {
-                Ok(f) => f,
-                Err(stat_index) => return drop_with(stat_index),
-            }
+/// TCP flag combinations no legitimate stack sends: none at all, SYN with FIN or RST.
+#[inline(always)]
+fn bad_flags(pkt: &Packet) -> bool {
+    pkt.key.proto == PROTO_TCP
+        && (pkt.flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == 0
+            || (pkt.flags & TCP_SYN != 0 && pkt.flags & (TCP_FIN | TCP_RST) != 0))
+}
+
+/// Whether the packet may open a new flow: a pure SYN for TCP, any datagram for UDP.
+#[inline(always)]
+fn opens_flow(pkt: &Packet) -> bool {
+    pkt.key.proto == PROTO_UDP || pkt.flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
+}
+
+/// Parses the TCP or UDP header at `l4` (the IP payload is `l4_len` bytes) into
+/// `SCRATCH_PACKET`; returns `PARSED`, or the XDP action for a packet it will not handle.
+#[inline(never)]
+fn parse(ctx: &XdpContext, l4: usize, l4_len: usize, af: u8) -> u32 {
+    let Some(pkt) = SCRATCH_PACKET.get_ptr_mut(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: per-CPU scratch, exclusively ours during this run.
+    let pkt = unsafe { &mut *pkt };
+    let parsed = if af == AF_INET {
+        match ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN) {
+            // SAFETY: bounds-checked by `ptr_at`.
+            Ok(ip) => unsafe {
+                let (s, d) = (rd(&raw const (*ip).saddr), rd(&raw const (*ip).daddr));
+                transport(ctx, pkt, l4, l4_len, (*ip).protocol, [s, 0, 0, 0], [d, 0, 0, 0], af)
+            },
+            Err(()) => return xdp_action::XDP_PASS,
+        }
+    } else {
+        match ptr_at::<Ipv6Hdr>(ctx, ETH_HLEN) {
+            // SAFETY: bounds-checked by `ptr_at`.
+            Ok(ip) => unsafe {
+                let (s, d) = (copy::read_addr(&raw const (*ip).saddr), copy::read_addr(&raw const (*ip).daddr));
+                transport(ctx, pkt, l4, l4_len, (*ip).nexthdr, s, d, af)
+            },
+            Err(()) => return xdp_action::XDP_PASS,
         }
     };
-    // SAFETY: `flow` points into the conntrack map for the duration of this run; fields that
-    // other CPUs update are only touched through `atomic`.
-    let (snat, backend, snat_port, backend_port, hop) = unsafe {
-        ((*flow).snat[0], (*flow).backend[0], (*flow).snat_port, (*flow).backend_port, (*flow).to_backend)
-    };
-    rewrite(pkt, snat, backend, snat_port, backend_port, &hop);
-    // SAFETY: as above.
-    unsafe {
-        atomic::add(&raw mut (*flow).bytes_to_backend, pkt.payload);
-        atomic::add(&raw mut (*flow).packets_to_backend, 1);
-        (*flow).last_seen_ns = now;
+    match parsed {
+        Ok(true) => {}
+        Ok(false) => {
+            let Ok(dst) = outer_dst(ctx, af) else { return xdp_action::XDP_PASS };
+            return not_handled(&dst, af, stat::DROP_MALFORMED).unwrap_or(xdp_action::XDP_PASS);
+        }
+        Err(()) => return xdp_action::XDP_PASS,
     }
-    track_close(pkt.flags, key, flow, flow_state::FIN_FROM_CLIENT, flow_state::FIN_FROM_BACKEND, now);
-    count(stat::FORWARDED);
-    Ok(transmit(pkt.ctx, hop.ifindex))
+    PARSED
 }
 
-fn reply(pkt: &Packet, key: &FlowKey, client_key: &FlowKey) -> Result<u32, ()> {
-    let Some(flow) = CONNTRACK.get_ptr_mut(client_key) else {
-        return drop_with(stat::DROP_NO_FLOW);
+/// `parse`'s answer when the packet is a TCP or UDP packet now in `SCRATCH_PACKET`.
+const PARSED: u32 = 0xffff_0001;
+
+/// Steers the packet in `SCRATCH_PACKET`; returns the XDP action, or `NEW_FLOW`.
+#[inline(never)]
+fn steer(ctx: &XdpContext) -> u32 {
+    let Some(pkt) = SCRATCH_PACKET.get_ptr(0) else {
+        return xdp_action::XDP_PASS;
     };
-    // SAFETY: `flow` points into the conntrack map for the duration of this run.
-    let (snat_port, backend, hop) = unsafe { ((*flow).snat_port, (*flow).backend[0], (*flow).to_client) };
-    // The reverse entry may outlive a reused forward entry; only the current pairing counts.
-    if snat_port != key.dport || backend != key.src[0] {
+    // SAFETY: per-CPU scratch, filled by `parse` during this run.
+    let pkt = unsafe { &*pkt };
+    // A header that cannot be located again (never expected after parsing) drops the packet:
+    // nothing has been rewritten at that point.
+    try_steer(ctx, pkt).unwrap_or(xdp_action::XDP_DROP)
+}
+
+/// Parses, steers and, for a new flow, admits a TCP or UDP packet. Each step is its own BPF
+/// function so that their stack frames do not add up (the BPF stack is 512 bytes in all).
+#[inline(always)]
+fn handle(ctx: &XdpContext, l4: usize, l4_len: usize, af: u8) -> u32 {
+    match parse(ctx, l4, l4_len, af) {
+        PARSED => match steer(ctx) {
+            NEW_FLOW => new_flow(ctx),
+            action => action,
+        },
+        action => action,
+    }
+}
+
+#[inline(always)]
+fn try_steer(ctx: &XdpContext, pkt: &Packet) -> Result<u32, ()> {
+    let existing = FLOWS.get_ptr_mut(&pkt.key);
+    if let Some(e) = existing {
+        // SAFETY: map value pointer, valid for the duration of this run.
+        let (dir, state) = unsafe { ((*e).dir, (*e).state) };
+        let reopen = dir == flow_dir::FORWARD
+            && state & flow_state::CLOSED != 0
+            && pkt.key.proto == PROTO_TCP
+            && opens_flow(pkt);
+        if !reopen {
+            if bad_flags(pkt) {
+                return drop_with(stat::DROP_MALFORMED);
+            }
+            return Ok(follow(ctx, pkt, e));
+        }
+    }
+    let svc_key = ServiceKey { addr: pkt.key.dst, port: pkt.key.dport, proto: pkt.key.proto, af: pkt.key.af };
+    // SAFETY: map value, valid for the duration of this run (not copied: stack space).
+    let Some(svc) = (unsafe { SERVICES.get(&svc_key) }) else {
+        // Not a service port; a packet to a VIP on another port is still not the host's.
+        return not_handled(&pkt.key.dst, pkt.key.af, stat::DROP_UNSUPPORTED);
+    };
+    if bad_flags(pkt) {
+        return drop_with(stat::DROP_MALFORMED);
+    }
+    if !opens_flow(pkt) {
         return drop_with(stat::DROP_NO_FLOW);
     }
-    let now = unsafe { bpf_ktime_get_boot_ns() };
-    rewrite(
-        pkt,
-        client_key.dst[0],
-        client_key.src[0],
-        client_key.dport,
-        client_key.sport,
-        &hop,
-    );
-    // SAFETY: as above; shared counters only through `atomic`.
-    unsafe {
-        atomic::add(&raw mut (*flow).bytes_to_client, pkt.payload);
-        atomic::add(&raw mut (*flow).packets_to_client, 1);
-        (*flow).last_seen_ns = now;
+    if let Some(old) = existing {
+        // A closed flow's 5-tuple is being reused: release its reply entry (and SNAT port).
+        // SAFETY: map value pointer, read in place.
+        let _ = FLOWS.remove(&unsafe { &*old }.peer_key(pkt.key.proto, pkt.key.af));
     }
-    track_close(pkt.flags, client_key, flow, flow_state::FIN_FROM_BACKEND, flow_state::FIN_FROM_CLIENT, now);
-    count(stat::REPLIED);
-    Ok(transmit(pkt.ctx, hop.ifindex))
+    let _ = svc;
+    Ok(NEW_FLOW)
+}
+
+/// `steer`'s answer when the packet opens a flow: `new_flow` handles it next.
+const NEW_FLOW: u32 = 0xffff_0000;
+
+/// Admits (or refuses) the flow the packet in `SCRATCH_PACKET` opens, and forwards the packet.
+/// Returns the XDP action.
+#[inline(never)]
+fn new_flow(ctx: &XdpContext) -> u32 {
+    try_new_flow(ctx).unwrap_or(xdp_action::XDP_DROP)
+}
+
+#[inline(always)]
+fn try_new_flow(ctx: &XdpContext) -> Result<u32, ()> {
+    let pkt = SCRATCH_PACKET.get_ptr(0).ok_or(())?;
+    // SAFETY: per-CPU scratch, filled by `steer` during this run.
+    let pkt = unsafe { &*pkt };
+    let svc_key = ServiceKey { addr: pkt.key.dst, port: pkt.key.dport, proto: pkt.key.proto, af: pkt.key.af };
+    // SAFETY: map value, valid for the duration of this run.
+    let svc = unsafe { SERVICES.get(&svc_key) }.ok_or(())?;
+    let refusal = open_flow(ctx, pkt, svc);
+    if refusal & REFUSE_DENY != 0 {
+        return Ok(deny(pkt, svc, (refusal >> 32) as u8, refusal as u32));
+    }
+    if refusal != 0 {
+        return drop_with(refusal as u32);
+    }
+    // The new forward entry is still in the scratch space, its counters already include this
+    // packet: rewrite from there, without looking the flow up again.
+    let scratch = SCRATCH_FLOW.get_ptr(0).ok_or(())?;
+    // SAFETY: per-CPU scratch, ours during this run.
+    let f = unsafe { &*scratch };
+    rewrite(ctx, pkt, &f.nat_src, &f.nat_dst, f.nat_sport, f.nat_dport, &f.hop)?;
+    count(stat::FORWARDED);
+    Ok(transmit(ctx, f.hop.ifindex))
+}
+
+/// One packet of an established flow, either way: rewrite it as the entry says, count it,
+/// follow FIN/RST. Returns the XDP action.
+#[inline(never)]
+fn follow(ctx: &XdpContext, pkt: &Packet, e: *mut Flow) -> u32 {
+    try_follow(ctx, pkt, e).unwrap_or(xdp_action::XDP_DROP)
+}
+
+#[inline(always)]
+fn try_follow(ctx: &XdpContext, pkt: &Packet, e: *mut Flow) -> Result<u32, ()> {
+    // SAFETY: `e` points into FLOWS for the duration of this run; fields that other CPUs
+    // update are only touched through `atomic`.
+    let f = unsafe { &*e };
+    rewrite(ctx, pkt, &f.nat_src, &f.nat_dst, f.nat_sport, f.nat_dport, &f.hop)?;
+    // SAFETY: as above.
+    unsafe {
+        atomic::add(&raw mut (*e).bytes, pkt.payload);
+        atomic::add(&raw mut (*e).packets, 1);
+        (*e).last_seen_ns = bpf_ktime_get_coarse_ns();
+    }
+    if pkt.key.proto == PROTO_TCP && pkt.flags & (TCP_FIN | TCP_RST) != 0 {
+        track_close(pkt, e);
+    }
+    count(if f.dir == flow_dir::FORWARD { stat::FORWARDED } else { stat::REPLIED });
+    Ok(transmit(ctx, f.hop.ifindex))
 }
 
 #[inline(always)]
@@ -245,99 +493,284 @@ fn transmit(ctx: &XdpContext, ifindex: u32) -> u32 {
     if ifindex as usize == ctx.ingress_ifindex() {
         xdp_action::XDP_TX
     } else {
-        // SAFETY: plain helper call; the action it returns is XDP_REDIRECT or XDP_ABORTED.
+        // SAFETY: plain helper call; it returns XDP_REDIRECT, or XDP_ABORTED on a bad index.
         unsafe { bpf_redirect(ifindex, 0) as u32 }
     }
 }
 
-/// Follows FIN and RST: the flow closes on RST, or on the FIN that completes both sides'.
-/// `mine` is this packet's side, `other` the opposite side's FIN bit.
-#[inline(always)]
-fn track_close(flags: u8, client_key: &FlowKey, flow: *mut Flow, mine: u64, other: u64, now: u64) {
-    let reason = if flags & TCP_RST != 0 {
+/// Follows TCP FIN and RST: the flow closes on RST, or on a FIN when the other direction has
+/// sent one too. Exactly one CPU wins the forward entry's CLOSED bit and emits the record.
+#[inline(never)]
+fn track_close(pkt: &Packet, e: *mut Flow) {
+    // SAFETY: `e` points into FLOWS for the duration of this run.
+    let f = unsafe { &*e };
+    let peer_key = f.peer_key(pkt.key.proto, pkt.key.af);
+    let Some(peer) = FLOWS.get_ptr_mut(&peer_key) else { return };
+    let reason = if pkt.flags & TCP_RST != 0 {
         close_reason::RST
-    } else if flags & TCP_FIN != 0 {
+    } else {
         // SAFETY: aligned field of a live map value.
-        let prev = unsafe { atomic::fetch_or(&raw mut (*flow).state, mine) };
-        if prev & other == 0 {
+        unsafe { atomic::fetch_or(&raw mut (*e).state, flow_state::FIN) };
+        // Set ours, then read theirs: of two FINs racing on two CPUs, at least one sees both.
+        // SAFETY: live map value.
+        if unsafe { (*peer).state } & flow_state::FIN == 0 {
             return;
         }
         close_reason::FIN
-    } else {
-        return;
     };
-    // Exactly one CPU wins the CLOSED bit and emits the record.
+    let (fwd, rev, fkey) = if f.dir == flow_dir::FORWARD { (e, peer, pkt.key) } else { (peer, e, peer_key) };
     // SAFETY: aligned field of a live map value.
-    let prev = unsafe { atomic::fetch_or(&raw mut (*flow).state, flow_state::CLOSED) };
+    let prev = unsafe { atomic::fetch_or(&raw mut (*fwd).state, flow_state::CLOSED) };
     if prev & flow_state::CLOSED == 0 {
-        // SAFETY: live map value.
-        emit(event_kind::CONN_CLOSE, reason, client_key, unsafe { &*flow }, now);
+        // SAFETY: live map values.
+        emit_flow(event_kind::CONN_CLOSE, reason, &fkey, unsafe { &*fwd }, unsafe { &*rev });
     }
 }
 
-fn open_flow(pkt: &Packet, key: &FlowKey, svc: &ServiceInfo, now: u64) -> Result<*mut Flow, u32> {
-    if svc.backend_count == 0 {
-        return Err(stat::DROP_NO_BACKEND);
-    }
-    let slot = svc.id * MAGLEV_TABLE_SIZE + flow_hash(key) % MAGLEV_TABLE_SIZE;
-    let backend_idx = *MAGLEV.get(slot).ok_or(stat::DROP_NO_BACKEND)?;
-    let be = *BACKENDS.get(backend_idx).ok_or(stat::DROP_NO_BACKEND)?;
-    let to_backend = next_hop(pkt.ctx, &be).ok_or(stat::DROP_NO_ROUTE)?;
-    let snat_port = reserve_snat_port(key, &be)?;
+/// Why a new flow did not open, as one integer so it crosses BPF function calls in a register
+/// (aggregates are returned through the stack, which the verifier refuses).
+/// `drop_code`: dropped and counted without a record (transient: the client retransmits).
+/// `deny_code`: refused by policy or a full resource, counted and recorded.
+type Refusal = u64;
+const REFUSE_DROP: u64 = 1 << 48;
+const REFUSE_DENY: u64 = 2 << 48;
 
-    // SAFETY: `eth` is bounds-checked; replies go back the way the client's packet came.
-    let to_client = unsafe {
-        NextHop {
-            ifindex: pkt.ctx.ingress_ifindex() as u32,
-            dst_mac: (*pkt.eth).src,
-            src_mac: (*pkt.eth).dst,
+#[inline(always)]
+const fn drop_code(stat_index: u32) -> Refusal {
+    REFUSE_DROP | stat_index as u64
+}
+
+#[inline(always)]
+const fn deny_code(reason: u8, rule: u32) -> Refusal {
+    REFUSE_DENY | (reason as u64) << 32 | rule as u64
+}
+
+/// Opens a flow for `pkt`: both entries are inserted, the open record is pushed, and the
+/// forward entry (counting this packet) is left in `SCRATCH_FLOW[0]`. Returns 0, or the
+/// refusal.
+#[inline(never)]
+fn open_flow(ctx: &XdpContext, pkt: &Packet, svc: &ServiceInfo) -> Refusal {
+    match try_open_flow(ctx, pkt, svc) {
+        Ok(()) => 0,
+        Err(r) => r,
+    }
+}
+
+#[inline(always)]
+fn try_open_flow(ctx: &XdpContext, pkt: &Packet, svc: &ServiceInfo) -> Result<(), Refusal> {
+    let key = &pkt.key;
+    let cfg = CONFIG.get(0).ok_or(drop_code(stat::DENY_NO_BACKEND))?;
+    if cfg.flags & config_flags::REFUSE_NEW_FLOWS != 0 {
+        return Err(deny_code(deny_reason::AUDIT_UNAVAILABLE, NO_RULE));
+    }
+    if svc.flags & service_flags::HAS_RULES != 0 {
+        match check_acl(key, svc) {
+            0 => {}
+            r => return Err(r),
+        }
+    }
+    // SAFETY: plain helper call.
+    let coarse = unsafe { bpf_ktime_get_coarse_ns() };
+    if svc.rate_per_sec != 0 && !take_token(key, svc, coarse) {
+        return Err(deny_code(deny_reason::RATE_LIMITED, NO_RULE));
+    }
+    if svc.backend_count == 0 || cfg.maglev_size == 0 {
+        return Err(deny_code(deny_reason::NO_BACKEND, NO_RULE));
+    }
+    let slot = svc.id * cfg.maglev_size + flow_hash(key) % cfg.maglev_size;
+    let backend_idx = *MAGLEV.get(slot).ok_or(deny_code(deny_reason::NO_BACKEND, NO_RULE))?;
+    let be = BACKENDS.get(backend_idx).ok_or(deny_code(deny_reason::NO_BACKEND, NO_RULE))?;
+    let to_backend = next_hop(ctx, be, backend_idx, coarse);
+    if to_backend == 0 {
+        return Err(drop_code(stat::DROP_NO_ROUTE));
+    }
+    let fwd = SCRATCH_FLOW.get_ptr_mut(0).ok_or(drop_code(stat::DENY_CONNTRACK_FULL))?;
+    let rev = SCRATCH_FLOW.get_ptr_mut(1).ok_or(drop_code(stat::DENY_CONNTRACK_FULL))?;
+    let eth: *mut EthHdr = ptr_at(ctx, 0).map_err(|()| drop_code(stat::DROP_MALFORMED))?;
+    let hops = HOPS.get_ptr(backend_idx).ok_or(drop_code(stat::DROP_NO_ROUTE))?;
+    // SAFETY: per-CPU scratch values and cache, exclusively ours during this run; `eth` is
+    // bounds-checked.
+    let (fwd, rev) = unsafe {
+        let (f, r) = (&mut *fwd, &mut *rev);
+        let now = bpf_ktime_get_boot_ns();
+        f.flow_id = next_flow_id();
+        f.opened_ns = now;
+        f.last_seen_ns = coarse;
+        f.bytes = pkt.payload;
+        f.packets = 1;
+        f.state = 0;
+        copy::addr(&raw mut f.nat_src, &be.snat_addr);
+        copy::addr(&raw mut f.nat_dst, &be.addr);
+        f.nat_sport = 0; // chosen below
+        f.nat_dport = be.port;
+        f.service_id = svc.id;
+        f.backend_idx = backend_idx;
+        f.generation = svc.generation;
+        f.hop.ifindex = (*hops).hop.ifindex;
+        copy::mac(&raw mut f.hop.dst_mac, &(*hops).hop.dst_mac);
+        copy::mac(&raw mut f.hop.src_mac, &(*hops).hop.src_mac);
+        f.dir = flow_dir::FORWARD;
+        // Field by field: a whole-struct copy would go through the stack.
+        r.flow_id = f.flow_id;
+        r.opened_ns = now;
+        r.last_seen_ns = coarse;
+        r.bytes = 0;
+        r.packets = 0;
+        r.state = 0;
+        r.service_id = svc.id;
+        r.backend_idx = backend_idx;
+        r.generation = svc.generation;
+        copy::addr(&raw mut r.nat_src, &key.dst);
+        copy::addr(&raw mut r.nat_dst, &key.src);
+        r.nat_sport = key.dport;
+        r.nat_dport = key.sport;
+        // Replies go back the way the client's packet came.
+        r.hop.ifindex = ctx.ingress_ifindex() as u32;
+        copy::mac(&raw mut r.hop.dst_mac, &raw const (*eth).src);
+        copy::mac(&raw mut r.hop.src_mac, &raw const (*eth).dst);
+        r.dir = flow_dir::REPLY;
+        (f, r)
+    };
+    let port = reserve_snat_port(key, be, cfg, rev);
+    if port > u16::MAX as u64 {
+        return Err(port);
+    }
+    fwd.nat_sport = port as u16;
+    if FLOWS.insert(key, &*fwd, BPF_ANY as u64).is_err() {
+        let _ = FLOWS.remove(&fwd.peer_key(key.proto, key.af));
+        return Err(deny_code(deny_reason::CONNTRACK_FULL, NO_RULE));
+    }
+    emit_flow(event_kind::CONN_OPEN, open_reason::MAGLEV, key, fwd, rev);
+    Ok(())
+}
+
+/// Longest-prefix match of the client address among the service's rules. A match counts
+/// towards its rule; a deny rule, or no match on a service that has allow rules, refuses.
+#[inline(never)]
+fn check_acl(key: &FlowKey, svc: &ServiceInfo) -> Refusal {
+    let lookup = Key::new(ACL_LOOKUP_PREFIX, AclKey { scope: AclKey::scope(svc.id, key.af), addr: key.src });
+    match ACL.get(&lookup) {
+        Some(rule) => {
+            let rule = *rule;
+            if let Some(hits) = RULE_HITS.get_ptr_mut(rule.rule_id) {
+                // SAFETY: per-CPU slot.
+                unsafe { *hits += 1 };
+            }
+            if rule.action == acl_action::DENY {
+                return deny_code(deny_reason::ACL, rule.rule_id);
+            }
+            0
+        }
+        None if svc.flags & service_flags::DEFAULT_DENY != 0 => deny_code(deny_reason::ACL, NO_RULE),
+        None => 0,
+    }
+}
+
+#[inline(always)]
+fn source_key(key: &FlowKey, svc: &ServiceInfo) -> SourceKey {
+    SourceKey { addr: key.src, service_id: svc.id, af: key.af, _pad0: 0, _pad1: 0 }
+}
+
+/// Token bucket per source and service: `rate_per_sec` new flows per second, bursts of as
+/// many. Updates from several CPUs may race and lose a token now and then; the limit is a
+/// policy, not an account (the audit records are the account).
+#[inline(never)]
+fn take_token(key: &FlowKey, svc: &ServiceInfo, now: u64) -> bool {
+    let skey = source_key(key, svc);
+    let cap = svc.rate_per_sec as u64 * TOKEN;
+    match SOURCES.get_ptr_mut(&skey) {
+        Some(s) => {
+            // SAFETY: map value pointer for the duration of this run.
+            let s = unsafe { &mut *s };
+            let elapsed = now.saturating_sub(s.refill_ns).min(1_000_000_000);
+            let tokens = (s.tokens_micro + elapsed * svc.rate_per_sec as u64 / 1000).min(cap);
+            s.refill_ns = now;
+            if tokens >= TOKEN {
+                s.tokens_micro = tokens - TOKEN;
+                true
+            } else {
+                s.tokens_micro = tokens;
+                false
+            }
+        }
+        None => {
+            let s = SourceState { tokens_micro: cap - TOKEN, refill_ns: now, ..SourceState::default() };
+            let _ = SOURCES.insert(&skey, &s, BPF_ANY as u64);
+            true
+        }
+    }
+}
+
+/// Refuses a new flow: counted always, recorded at most once per source per second (the
+/// record carries how many were suppressed since the previous one).
+#[inline(never)]
+fn deny(pkt: &Packet, svc: &ServiceInfo, reason: u8, rule: u32) -> u32 {
+    count(match reason {
+        deny_reason::ACL => stat::DENY_ACL,
+        deny_reason::RATE_LIMITED => stat::DENY_RATE_LIMITED,
+        deny_reason::NO_BACKEND => stat::DENY_NO_BACKEND,
+        deny_reason::SNAT_EXHAUSTED => stat::DENY_SNAT_EXHAUSTED,
+        deny_reason::CONNTRACK_FULL => stat::DENY_CONNTRACK_FULL,
+        _ => stat::DENY_AUDIT_UNAVAILABLE,
+    });
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let skey = source_key(&pkt.key, svc);
+    let suppressed = match SOURCES.get_ptr_mut(&skey) {
+        Some(s) => {
+            // SAFETY: map value pointer for the duration of this run.
+            let s = unsafe { &mut *s };
+            if s.last_deny_record_ns != 0 && now.saturating_sub(s.last_deny_record_ns) < DENY_RECORD_INTERVAL_NS {
+                s.suppressed += 1;
+                count(stat::DENY_RECORDS_SUPPRESSED);
+                return xdp_action::XDP_DROP;
+            }
+            let n = s.suppressed;
+            s.suppressed = 0;
+            s.last_deny_record_ns = now;
+            n
+        }
+        None => {
+            let s = SourceState { last_deny_record_ns: now, ..SourceState::default() };
+            let _ = SOURCES.insert(&skey, &s, BPF_ANY as u64);
+            0
         }
     };
-    let flow = Flow {
-        flow_id: next_flow_id(),
-        opened_ns: now,
-        last_seen_ns: now,
-        backend: be.addr,
-        snat: be.snat_addr,
-        backend_port: be.port,
-        snat_port,
-        service_id: svc.id,
-        backend_idx,
-        generation: svc.generation,
-        to_backend,
-        to_client,
-        ..Flow::default()
+    let Some(mut entry) = EVENTS.reserve::<ConnEvent>(0) else {
+        count(stat::RINGBUF_LOSS);
+        return xdp_action::XDP_DROP;
     };
-    if CONNTRACK.insert(key, &flow, BPF_ANY as u64).is_err() {
-        let _ = REVERSE.remove(&reverse_key(key, &flow));
-        return Err(stat::DROP_CONNTRACK_FULL);
+    let k = &pkt.key;
+    // SAFETY: the reserved entry is ours until submitted; every field is written.
+    unsafe {
+        let e = &mut *entry.as_mut_ptr();
+        *e = ConnEvent::default();
+        e.kind = event_kind::CONN_DENY;
+        e.proto = k.proto;
+        e.af = k.af;
+        e.reason = reason;
+        e.service_id = svc.id;
+        e.ts_ns = now;
+        e.client = k.src;
+        e.vip = k.dst;
+        e.client_port = k.sport;
+        e.vip_port = k.dport;
+        e.generation = svc.generation;
+        e.rule = rule;
+        e.packets_to_backend = suppressed;
     }
-    emit(event_kind::CONN_OPEN, open_reason::MAGLEV, key, &flow, now);
-    CONNTRACK.get_ptr_mut(key).ok_or(stat::DROP_CONNTRACK_FULL)
+    entry.submit(0);
+    xdp_action::XDP_DROP
 }
 
-/// The key under which a backend's replies to this flow are found.
-#[inline(always)]
-fn reverse_key(key: &FlowKey, f: &Flow) -> FlowKey {
-    FlowKey {
-        src: f.backend,
-        dst: f.snat,
-        sport: f.backend_port,
-        dport: f.snat_port,
-        proto: key.proto,
-        af: key.af,
-        _pad: [0; 2],
-    }
-}
-
-/// Picks a free SNAT port towards `be` and reserves it by inserting the reverse entry.
-/// `BPF_NOEXIST` makes the insert the collision check, so two live flows never share a port.
-fn reserve_snat_port(key: &FlowKey, be: &Backend) -> Result<u16, u32> {
-    let cfg = CONFIG.get(0).ok_or(stat::DROP_SNAT_EXHAUSTED)?;
+/// Picks a free SNAT port towards `be` and reserves it by inserting the reply entry `rev`
+/// under it. `BPF_NOEXIST` makes the insert the collision check, so two live flows never share
+/// a port. Returns the port (network byte order), or a refusal (greater than any port).
+#[inline(never)]
+fn reserve_snat_port(key: &FlowKey, be: &Backend, cfg: &Config, rev: &Flow) -> u64 {
     let (min, max) = (cfg.snat_port_min as u32, cfg.snat_port_max as u32);
     let range = max.wrapping_sub(min).wrapping_add(1);
     if min == 0 || max < min || range == 0 {
-        return Err(stat::DROP_SNAT_EXHAUSTED);
+        return deny_code(deny_reason::SNAT_EXHAUSTED, NO_RULE);
     }
     let mut rkey = FlowKey {
         src: be.addr,
@@ -346,36 +779,59 @@ fn reserve_snat_port(key: &FlowKey, be: &Backend) -> Result<u16, u32> {
         dport: 0,
         proto: key.proto,
         af: key.af,
-        _pad: [0; 2],
+        _pad: 0,
     };
     for _ in 0..SNAT_PORT_TRIES {
         // SAFETY: plain helper call.
         let port = (min + unsafe { bpf_get_prandom_u32() } % range) as u16;
         rkey.dport = port.to_be();
-        if REVERSE.insert(&rkey, key, BPF_NOEXIST as u64).is_ok() {
-            return Ok(rkey.dport);
+        match FLOWS.insert(&rkey, rev, BPF_NOEXIST as u64) {
+            Ok(()) => return rkey.dport as u64,
+            Err(e) if e as i64 == -E2BIG => return deny_code(deny_reason::CONNTRACK_FULL, NO_RULE),
+            Err(_) => {}
         }
     }
-    Err(stat::DROP_SNAT_EXHAUSTED)
+    deny_code(deny_reason::SNAT_EXHAUSTED, NO_RULE)
 }
 
-/// Resolves the next hop towards a backend with the kernel's FIB.
-fn next_hop(ctx: &XdpContext, be: &Backend) -> Option<NextHop> {
+/// The next hop towards backend `idx` from this CPU's cache, refreshed from the kernel's FIB
+/// when older than `HOP_TTL_NS`. Returns the egress ifindex, 0 when there is no route or no
+/// resolved neighbour.
+#[inline(never)]
+fn next_hop(ctx: &XdpContext, be: &Backend, idx: u32, now: u64) -> u32 {
+    let Some(cache) = HOPS.get_ptr_mut(idx) else { return 0 };
+    // SAFETY: per-CPU slot, ours during this run.
+    let cache = unsafe { &mut *cache };
+    if cache.resolved_ns != 0 && now.saturating_sub(cache.resolved_ns) < HOP_TTL_NS {
+        return cache.hop.ifindex;
+    }
     // SAFETY: an all-zero `bpf_fib_lookup` is a valid (empty) request.
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    p.family = 2; // AF_INET
     p.l4_protocol = PROTO_TCP;
     p.ifindex = ctx.ingress_ifindex() as u32;
-    p.__bindgen_anon_3.ipv4_src = be.snat_addr[0];
-    p.__bindgen_anon_4.ipv4_dst = be.addr[0];
-    // SAFETY: `p` is a valid request of the size passed.
-    let rc = unsafe {
-        fib_lookup(ctx.as_ptr(), &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0)
-    };
-    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        return None;
+    if be.af == AF_INET6 {
+        p.family = 10; // AF_INET6
+        p.__bindgen_anon_3.ipv6_src = be.snat_addr;
+        p.__bindgen_anon_4.ipv6_dst = be.addr;
+    } else {
+        p.family = 2; // AF_INET
+        p.__bindgen_anon_3.ipv4_src = be.snat_addr[0];
+        p.__bindgen_anon_4.ipv4_dst = be.addr[0];
     }
-    Some(NextHop { ifindex: p.ifindex, dst_mac: p.dmac, src_mac: p.smac })
+    // SAFETY: `p` is a valid request of the size passed.
+    let rc = unsafe { fib_lookup(ctx.as_ptr(), &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0) };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        cache.resolved_ns = 0;
+        return 0;
+    }
+    cache.hop.ifindex = p.ifindex;
+    // SAFETY: both sides are 6-byte arrays.
+    unsafe {
+        copy::mac(&raw mut cache.hop.dst_mac, &p.dmac);
+        copy::mac(&raw mut cache.hop.src_mac, &p.smac);
+    }
+    cache.resolved_ns = now;
+    p.ifindex
 }
 
 /// Unique flow ids without atomics: a per-CPU counter (seeded by the daemon from the clock)
@@ -416,79 +872,316 @@ fn mix(mut h: u32) -> u32 {
     h ^ (h >> 16)
 }
 
-/// Rewrites source and destination address and port, fixes both checksums, sets the MACs.
+/// Rewrites source and destination address and port, fixes the checksums, sets the MACs.
+/// Every header is located (bounds-checked) before the first byte changes.
 #[inline(always)]
-fn rewrite(pkt: &Packet, saddr: u32, daddr: u32, sport: u16, dport: u16, hop: &NextHop) {
-    // SAFETY: every pointer was bounds-checked when the packet was parsed.
+fn rewrite(ctx: &XdpContext, pkt: &Packet, saddr: &[u32; 4], daddr: &[u32; 4], sport: u16, dport: u16, hop: &NextHop) -> Result<(), ()> {
+    let k = &pkt.key;
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    // The offset comes back from a map: bound it again for the verifier.
+    let l4_off = pkt.l4 as usize;
+    if l4_off > MAX_L4_OFFSET {
+        return Err(());
+    }
+    let l4: *mut L4Ports = ptr_at(ctx, l4_off)?;
+    let csum: *mut u16 = ptr_at(ctx, l4_off + if k.proto == PROTO_TCP { TCP_CSUM_OFF } else { UDP_CSUM_OFF })?;
+    // SAFETY: every pointer is bounds-checked by `ptr_at`.
     unsafe {
-        let ip = pkt.ip;
-        let tcp = pkt.tcp;
-        let old_saddr = core::ptr::read_unaligned(&raw const (*ip).saddr);
-        let old_daddr = core::ptr::read_unaligned(&raw const (*ip).daddr);
-        let old_sport = core::ptr::read_unaligned(&raw const (*tcp).source);
-        let old_dport = core::ptr::read_unaligned(&raw const (*tcp).dest);
+        let mut c = rd(csum);
+        // A zero UDP checksum over IPv4 means "none": leave it so.
+        let has_csum = !(k.proto == PROTO_UDP && c == 0);
+        if k.af == AF_INET {
+            let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_HLEN)?;
+            let mut ipc = rd(&raw const (*ip).check);
+            ipc = csum::replace4(ipc, k.src[0], saddr[0]);
+            ipc = csum::replace4(ipc, k.dst[0], daddr[0]);
+            wr(&raw mut (*ip).check, ipc);
+            wr(&raw mut (*ip).saddr, saddr[0]);
+            wr(&raw mut (*ip).daddr, daddr[0]);
+            c = csum::replace4(c, k.src[0], saddr[0]);
+            c = csum::replace4(c, k.dst[0], daddr[0]);
+        } else {
+            let ip: *mut Ipv6Hdr = ptr_at(ctx, ETH_HLEN)?;
+            copy::addr(&raw mut (*ip).saddr, saddr);
+            copy::addr(&raw mut (*ip).daddr, daddr);
+            c = csum::replace16(c, &k.src, saddr);
+            c = csum::replace16(c, &k.dst, daddr);
+        }
+        c = csum::replace2(c, k.sport, sport);
+        c = csum::replace2(c, k.dport, dport);
+        if has_csum {
+            // For UDP a computed 0 is sent as all ones (RFC 768).
+            wr(csum, if c == 0 && k.proto == PROTO_UDP { 0xffff } else { c });
+        }
+        wr(&raw mut (*l4).source, sport);
+        wr(&raw mut (*l4).dest, dport);
+        copy::mac(&raw mut (*eth).dst, &hop.dst_mac);
+        copy::mac(&raw mut (*eth).src, &hop.src_mac);
+    }
+    Ok(())
+}
 
-        let mut ipc = core::ptr::read_unaligned(&raw const (*ip).check);
-        ipc = csum::replace4(ipc, old_saddr, saddr);
-        ipc = csum::replace4(ipc, old_daddr, daddr);
-        core::ptr::write_unaligned(&raw mut (*ip).check, ipc);
-        core::ptr::write_unaligned(&raw mut (*ip).saddr, saddr);
-        core::ptr::write_unaligned(&raw mut (*ip).daddr, daddr);
+/// ICMP "destination unreachable" (with "fragmentation needed") and ICMPv6 "packet too big"
+/// about a packet the balancer sent to a backend are translated for the client: the quoted
+/// packet becomes the client's own (client → VIP), the error comes from the VIP, and it goes
+/// out the way the client's packets came in. Other ICMP goes to the host (or, to a VIP, is
+/// dropped and counted).
+#[inline(never)]
+fn icmp_error(ctx: &XdpContext, l4: usize, af: u8) -> u32 {
+    try_icmp_error(ctx, l4, af).unwrap_or(xdp_action::XDP_PASS)
+}
 
-        // The TCP checksum covers the pseudo-header's addresses and the ports.
-        let mut tc = core::ptr::read_unaligned(&raw const (*tcp).check);
-        tc = csum::replace4(tc, old_saddr, saddr);
-        tc = csum::replace4(tc, old_daddr, daddr);
-        tc = csum::replace2(tc, old_sport, sport);
-        tc = csum::replace2(tc, old_dport, dport);
-        core::ptr::write_unaligned(&raw mut (*tcp).check, tc);
-        core::ptr::write_unaligned(&raw mut (*tcp).source, sport);
-        core::ptr::write_unaligned(&raw mut (*tcp).dest, dport);
+#[inline(always)]
+fn try_icmp_error(ctx: &XdpContext, l4: usize, af: u8) -> Result<u32, ()> {
+    let icmp: *mut IcmpHdr = ptr_at(ctx, l4)?;
+    // SAFETY: bounds-checked by `ptr_at`.
+    let kind = unsafe { (*icmp).kind };
+    let is_error = if af == AF_INET {
+        kind == ICMP_DEST_UNREACH
+    } else {
+        kind == ICMPV6_DEST_UNREACH || kind == ICMPV6_PKT_TOOBIG
+    };
+    if !is_error {
+        let dst = outer_dst(ctx, af)?;
+        return not_handled(&dst, af, stat::DROP_UNSUPPORTED);
+    }
+    // Keys are built in the per-CPU scratch packet rather than on the stack (stack space).
+    let key = &mut unsafe { &mut *SCRATCH_PACKET.get_ptr_mut(0).ok_or(())? }.key;
+    // The quoted packet: an IP header without options, then at least the 8 bytes of ports. It
+    // went snat:port → backend:port; the flow's reply entry has the reverse key.
+    let inner = l4 + ICMP_HLEN;
+    let inner_l4 = if af == AF_INET {
+        let iip: *mut Ipv4Hdr = ptr_at(ctx, inner)?;
+        // SAFETY: bounds-checked by `ptr_at`.
+        unsafe {
+            if (*iip).vhl != 0x45 {
+                return pass();
+            }
+            key.src = [rd(&raw const (*iip).daddr), 0, 0, 0];
+            key.dst = [rd(&raw const (*iip).saddr), 0, 0, 0];
+            key.proto = (*iip).protocol;
+        }
+        inner + 20
+    } else {
+        let iip: *mut Ipv6Hdr = ptr_at(ctx, inner)?;
+        // SAFETY: bounds-checked by `ptr_at`.
+        unsafe {
+            copy::addr(&raw mut key.src, &raw const (*iip).daddr);
+            copy::addr(&raw mut key.dst, &raw const (*iip).saddr);
+            key.proto = (*iip).nexthdr;
+        }
+        inner + IPV6_HLEN
+    };
+    if key.proto != PROTO_TCP && key.proto != PROTO_UDP {
+        return pass();
+    }
+    key.af = af;
+    key._pad = 0;
+    let ports: *mut L4Ports = ptr_at(ctx, inner_l4)?;
+    // SAFETY: bounds-checked by `ptr_at`.
+    unsafe {
+        key.sport = rd(&raw const (*ports).dest);
+        key.dport = rd(&raw const (*ports).source);
+    }
+    // The reply entry of the flow says where the client is, and how to reach it.
+    let Some(rev) = FLOWS.get_ptr(&*key) else {
+        return pass();
+    };
+    // SAFETY: map value, valid for the duration of this run.
+    let rev = unsafe { &*rev };
+    if rev.dir != flow_dir::REPLY {
+        return pass();
+    }
+    // The client's own 5-tuple (client → VIP), which the quoted packet becomes.
+    // SAFETY: plain copies between map values.
+    unsafe {
+        copy::addr(&raw mut key.src, &rev.nat_dst);
+        copy::addr(&raw mut key.dst, &rev.nat_src);
+    }
+    key.sport = rev.nat_dport;
+    key.dport = rev.nat_sport;
+    let translated = if af == AF_INET { icmp_translate4(ctx, l4, key) } else { icmp_translate6(ctx, l4, key) };
+    if !translated {
+        return pass();
+    }
+    let hop = &rev.hop;
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: bounds-checked by `ptr_at`.
+    unsafe {
+        copy::mac(&raw mut (*eth).dst, &hop.dst_mac);
+        copy::mac(&raw mut (*eth).src, &hop.src_mac);
+    }
+    count(stat::ICMP_TRANSLATED);
+    Ok(transmit(ctx, hop.ifindex))
+}
 
-        (*pkt.eth).dst = hop.dst_mac;
-        (*pkt.eth).src = hop.src_mac;
+#[inline(always)]
+fn outer_dst(ctx: &XdpContext, af: u8) -> Result<[u32; 4], ()> {
+    if af == AF_INET {
+        let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_HLEN)?;
+        // SAFETY: bounds-checked by `ptr_at`.
+        Ok([unsafe { rd(&raw const (*ip).daddr) }, 0, 0, 0])
+    } else {
+        let ip: *mut Ipv6Hdr = ptr_at(ctx, ETH_HLEN)?;
+        // SAFETY: bounds-checked by `ptr_at`.
+        Ok(unsafe { rd(&raw const (*ip).daddr) })
     }
 }
 
-/// Pushes a connection record; a failed reservation is counted, never silent.
-fn emit(kind: u8, reason: u8, client_key: &FlowKey, f: &Flow, now: u64) {
+/// Rewrites the quoted transport ports and checksum from `from` (snat → backend) to `to`
+/// (client → VIP); returns the ICMP checksum `ic` updated for those changes, or a value above
+/// 0xffff when the quoted ports are not in the packet.
+#[inline(never)]
+fn icmp_quoted_ports(ctx: &XdpContext, inner_l4: usize, from: &FlowKey, to: &FlowKey, ic: u16) -> u32 {
+    let Ok(ports) = ptr_at::<L4Ports>(ctx, inner_l4) else { return u32::MAX };
+    let mut ic = ic;
+    // UDP's checksum is always inside the 8 quoted bytes; TCP's only when the router quoted
+    // enough. A zero UDP checksum means none.
+    let off = if from.proto == PROTO_TCP { TCP_CSUM_OFF } else { UDP_CSUM_OFF };
+    // SAFETY: every pointer is bounds-checked by `ptr_at`.
+    unsafe {
+        if let Ok(qc) = ptr_at::<u16>(ctx, inner_l4 + off) {
+            let old = rd(qc);
+            if old != 0 || from.proto == PROTO_TCP {
+                let mut new = if from.af == AF_INET {
+                    csum::replace4(csum::replace4(old, from.src[0], to.src[0]), from.dst[0], to.dst[0])
+                } else {
+                    csum::replace16(csum::replace16(old, &from.src, &to.src), &from.dst, &to.dst)
+                };
+                new = csum::replace2(csum::replace2(new, from.sport, to.sport), from.dport, to.dport);
+                wr(qc, new);
+                ic = csum::replace2(ic, old, new);
+            }
+        }
+        wr(&raw mut (*ports).source, to.sport);
+        wr(&raw mut (*ports).dest, to.dport);
+    }
+    csum::replace2(csum::replace2(ic, from.sport, to.sport), from.dport, to.dport) as u32
+}
+
+/// IPv4: the quoted packet snat:port → backend:port becomes client → VIP; the error goes from
+/// the VIP to the client.
+#[inline(never)]
+fn icmp_translate4(ctx: &XdpContext, l4: usize, ck: &FlowKey) -> bool {
+    try_icmp_translate4(ctx, l4, ck).is_ok()
+}
+
+#[inline(always)]
+fn try_icmp_translate4(ctx: &XdpContext, l4: usize, ck: &FlowKey) -> Result<(), ()> {
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_HLEN)?;
+    let icmp: *mut IcmpHdr = ptr_at(ctx, l4)?;
+    let iip: *mut Ipv4Hdr = ptr_at(ctx, l4 + ICMP_HLEN)?;
+    let ports: *mut L4Ports = ptr_at(ctx, l4 + ICMP_HLEN + 20)?;
+    // SAFETY: every pointer is bounds-checked by `ptr_at`.
+    unsafe {
+        let from = FlowKey {
+            src: [rd(&raw const (*iip).saddr), 0, 0, 0],
+            dst: [rd(&raw const (*iip).daddr), 0, 0, 0],
+            sport: rd(&raw const (*ports).source),
+            dport: rd(&raw const (*ports).dest),
+            proto: (*iip).protocol,
+            af: AF_INET,
+            _pad: 0,
+        };
+        let ic = icmp_quoted_ports(ctx, l4 + ICMP_HLEN + 20, &from, ck, rd(&raw const (*icmp).check));
+        if ic > 0xffff {
+            return Err(());
+        }
+        let mut ic = ic as u16;
+        let old = rd(&raw const (*iip).check);
+        let new = csum::replace4(csum::replace4(old, from.src[0], ck.src[0]), from.dst[0], ck.dst[0]);
+        wr(&raw mut (*iip).check, new);
+        wr(&raw mut (*iip).saddr, ck.src[0]);
+        wr(&raw mut (*iip).daddr, ck.dst[0]);
+        ic = csum::replace2(ic, old, new);
+        ic = csum::replace4(csum::replace4(ic, from.src[0], ck.src[0]), from.dst[0], ck.dst[0]);
+        wr(&raw mut (*icmp).check, ic);
+        let (osrc, odst) = (rd(&raw const (*ip).saddr), rd(&raw const (*ip).daddr));
+        let oc = csum::replace4(csum::replace4(rd(&raw const (*ip).check), osrc, ck.dst[0]), odst, ck.src[0]);
+        wr(&raw mut (*ip).check, oc);
+        wr(&raw mut (*ip).saddr, ck.dst[0]);
+        wr(&raw mut (*ip).daddr, ck.src[0]);
+    }
+    Ok(())
+}
+
+/// IPv6: as `icmp_translate4`; ICMPv6's checksum also covers the outer addresses.
+#[inline(never)]
+fn icmp_translate6(ctx: &XdpContext, l4: usize, ck: &FlowKey) -> bool {
+    try_icmp_translate6(ctx, l4, ck).is_ok()
+}
+
+#[inline(always)]
+fn try_icmp_translate6(ctx: &XdpContext, l4: usize, ck: &FlowKey) -> Result<(), ()> {
+    let ip: *mut Ipv6Hdr = ptr_at(ctx, ETH_HLEN)?;
+    let icmp: *mut IcmpHdr = ptr_at(ctx, l4)?;
+    let iip: *mut Ipv6Hdr = ptr_at(ctx, l4 + ICMP_HLEN)?;
+    let ports: *mut L4Ports = ptr_at(ctx, l4 + ICMP_HLEN + IPV6_HLEN)?;
+    // SAFETY: every pointer is bounds-checked by `ptr_at`.
+    unsafe {
+        let mut from = FlowKey {
+            src: rd(&raw const (*iip).saddr),
+            dst: rd(&raw const (*iip).daddr),
+            sport: rd(&raw const (*ports).source),
+            dport: rd(&raw const (*ports).dest),
+            proto: (*iip).nexthdr,
+            af: AF_INET6,
+            _pad: 0,
+        };
+        let ic = icmp_quoted_ports(ctx, l4 + ICMP_HLEN + IPV6_HLEN, &from, ck, rd(&raw const (*icmp).check));
+        if ic > 0xffff {
+            return Err(());
+        }
+        let mut ic = csum::replace16(csum::replace16(ic as u16, &from.src, &ck.src), &from.dst, &ck.dst);
+        wr(&raw mut (*iip).saddr, ck.src);
+        wr(&raw mut (*iip).daddr, ck.dst);
+        // Outer addresses, reusing `from` as scratch (stack space).
+        from.src = rd(&raw const (*ip).saddr);
+        from.dst = rd(&raw const (*ip).daddr);
+        ic = csum::replace16(csum::replace16(ic, &from.src, &ck.dst), &from.dst, &ck.src);
+        wr(&raw mut (*icmp).check, ic);
+        wr(&raw mut (*ip).saddr, ck.dst);
+        wr(&raw mut (*ip).daddr, ck.src);
+    }
+    Ok(())
+}
+
+/// Pushes a flow's open or close record, from its forward entry `f` (keyed by `client_key`)
+/// and its reply entry `r`; a failed reservation is counted, never silent.
+#[inline(never)]
+fn emit_flow(kind: u8, reason: u8, client_key: &FlowKey, f: &Flow, r: &Flow) {
     let Some(mut entry) = EVENTS.reserve::<ConnEvent>(0) else {
         count(stat::RINGBUF_LOSS);
         return;
     };
-    // SAFETY: fields of a live value; other CPUs may be adding to the counters.
-    let (btb, btc, ptb, ptc) = unsafe {
-        (
-            atomic::load(&raw const f.bytes_to_backend),
-            atomic::load(&raw const f.bytes_to_client),
-            atomic::load(&raw const f.packets_to_backend),
-            atomic::load(&raw const f.packets_to_client),
-        )
-    };
-    entry.write(ConnEvent {
-        kind,
-        proto: client_key.proto,
-        af: client_key.af,
-        reason,
-        service_id: f.service_id,
-        flow_id: f.flow_id,
-        ts_ns: now,
-        opened_ns: f.opened_ns,
-        client: client_key.src,
-        vip: client_key.dst,
-        backend: f.backend,
-        snat: f.snat,
-        client_port: client_key.sport,
-        vip_port: client_key.dport,
-        backend_port: f.backend_port,
-        snat_port: f.snat_port,
-        generation: f.generation,
-        _pad: 0,
-        bytes_to_backend: btb,
-        bytes_to_client: btc,
-        packets_to_backend: ptb,
-        packets_to_client: ptc,
-    });
+    // Fields are written in place: building the record on the stack first would not fit.
+    // SAFETY: the reserved entry is ours until submitted; every field is written. Counters
+    // other CPUs may be adding to are read once each.
+    unsafe {
+        let e = &mut *entry.as_mut_ptr();
+        e.kind = kind;
+        e.proto = client_key.proto;
+        e.af = client_key.af;
+        e.reason = reason;
+        e.service_id = f.service_id;
+        e.flow_id = f.flow_id;
+        e.ts_ns = bpf_ktime_get_boot_ns();
+        e.opened_ns = f.opened_ns;
+        copy::addr(&raw mut e.client, &client_key.src);
+        copy::addr(&raw mut e.vip, &client_key.dst);
+        copy::addr(&raw mut e.backend, &f.nat_dst);
+        copy::addr(&raw mut e.snat, &f.nat_src);
+        e.client_port = client_key.sport;
+        e.vip_port = client_key.dport;
+        e.backend_port = f.nat_dport;
+        e.snat_port = f.nat_sport;
+        e.generation = f.generation;
+        e.rule = NO_RULE;
+        e.bytes_to_backend = atomic::load(&raw const f.bytes);
+        e.bytes_to_client = atomic::load(&raw const r.bytes);
+        e.packets_to_backend = atomic::load(&raw const f.packets);
+        e.packets_to_client = atomic::load(&raw const r.packets);
+    }
     entry.submit(0);
 }
 

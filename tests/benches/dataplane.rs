@@ -1,0 +1,225 @@
+//! Per-packet cost of the XDP program, measured with BPF_PROG_TEST_RUN inside a network
+//! namespace of its own, against a program that only returns XDP_PASS (the floor on this
+//! machine), all in one run.
+//!
+//! `cargo bench -p lb-tests --bench dataplane [-- --repeat N]` (or `cargo xtask bench --dataplane`).
+//!
+//! BPF_PROG_TEST_RUN's `repeat` runs the program N times on the same buffer, and the program's
+//! rewrites persist between runs. The steady-state paths are therefore measured on flows whose
+//! rewrite is the identity (VIP = backend, client address and port = SNAT address and port),
+//! so each run does the full work (lookups, checksum updates, counters, redirect) on the same
+//! bytes. A new flow cannot repeat on one buffer: that row runs N distinct SYNs once each and
+//! sums the kernel-measured durations, against a floor measured the same way.
+
+use std::{net::IpAddr, time::Duration};
+
+use aya::programs::{TestRun, TestRunOptions, Xdp};
+use lb_daemon::{
+    audit::Proto,
+    balancer,
+    config::{BackendSpec, ServiceSpec, Settings},
+    dataplane::Dataplane,
+};
+use lb_tests::packet::{self, End, L4, TCP_ACK};
+
+const MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
+const PORT: u16 = 40000;
+
+fn main() {
+    if !lb_tests::require_root("dataplane benchmark") {
+        return;
+    }
+    let args: Vec<String> = std::env::args().collect();
+    let repeat: u32 = args
+        .iter()
+        .position(|a| a == "--repeat")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1_000_000);
+    let ns = lb_tests::Netns::new("bench");
+    ns.run(
+        "sysctl -qw net.ipv4.ip_forward=1 && ip link add d0 type veth peer name d1 && ip link set d1 up && ip addr add 10.0.2.1/24 dev d0 && ip link set d0 up && \
+         for i in 2 3 4 5 6; do ip neigh add 10.0.2.$i lladdr 02:00:00:00:02:0$i dev d0 nud permanent; done",
+    );
+    let rows = ns.enter(|| measure(repeat));
+    println!("\nper-packet cost through BPF_PROG_TEST_RUN ({repeat} runs per row)\n");
+    println!("| path | ns/packet | × floor | target |");
+    println!("|---|---:|---:|---|");
+    for r in &rows {
+        println!("| {} | {:.1} | {:.2} | {} |", r.name, r.ns, r.ratio, r.target);
+    }
+}
+
+struct Row {
+    name: &'static str,
+    ns: f64,
+    ratio: f64,
+    target: &'static str,
+}
+
+fn service(name: &str, proto: Proto, vip: &str, backend: &str) -> ServiceSpec {
+    ServiceSpec {
+        name: name.into(),
+        proto,
+        vip: vip.parse().unwrap(),
+        backends: vec![BackendSpec { addr: backend.parse().unwrap(), weight: 1 }],
+        allow: vec![],
+        deny: vec![],
+        rate_limit: None,
+    }
+}
+
+fn load(services: Vec<ServiceSpec>, snat_ports: (u16, u16), conntrack: u32) -> Dataplane {
+    let settings = Settings {
+        ifaces: vec![],
+        services,
+        snat_ips: vec!["10.0.2.1".parse().unwrap()],
+        snat_ports,
+        audit_dir: "/nonexistent".into(),
+        tcp_idle_timeout: Duration::from_secs(300),
+        udp_idle_timeout: Duration::from_secs(30),
+        closed_linger: Duration::from_secs(10),
+        maglev_table_size: 4093,
+        conntrack_size: conntrack,
+    };
+    let placed = balancer::place(&settings).expect("placing services");
+    let mut dp = Dataplane::load(settings.maglev_table_size, conntrack).expect("loading the data plane");
+    dp.configure(snat_ports, settings.maglev_table_size, 1 << 24).unwrap();
+    dp.install(&placed).unwrap();
+    dp
+}
+
+/// Mean ns per run of `repeat` runs on one frame; asserts the action each time.
+fn repeated(prog: &Xdp, frame: &[u8], want: u32, repeat: u32) -> f64 {
+    let mut out = vec![0u8; frame.len() + 256];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.data_out = Some(&mut out);
+    opts.repeat = repeat;
+    let r = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
+    assert_eq!(r.return_value, want, "unexpected action while benchmarking");
+    r.duration.as_nanos() as f64
+}
+
+/// Runs one frame once; returns the action.
+fn once(prog: &Xdp, frame: &[u8]) -> u32 {
+    let mut out = vec![0u8; frame.len() + 256];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.data_out = Some(&mut out);
+    prog.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
+}
+
+/// Runs each frame once (the pass program, or the balancer) and returns the kernel-measured
+/// mean ns per run. Between batches, outside the measured time, `between` runs.
+fn once_each(
+    dp: &mut Dataplane,
+    pass_program: bool,
+    frames: impl Iterator<Item = Vec<u8>>,
+    want: u32,
+    mut between: impl FnMut(&mut Dataplane),
+) -> f64 {
+    let (mut total, mut n) = (0u128, 0u64);
+    let mut out = vec![0u8; 512];
+    for f in frames {
+        let prog = if pass_program { dp.pass_program() } else { dp.program() }.expect("program");
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(&f);
+        opts.data_out = Some(&mut out);
+        let r = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
+        assert_eq!(r.return_value, want, "unexpected action while benchmarking: counters {:?}", dp.stats());
+        total += r.duration.as_nanos();
+        n += 1;
+        if n % 8192 == 0 {
+            between(dp);
+        }
+    }
+    total as f64 / n as f64
+}
+
+fn end(ip: &str, port: u16) -> End {
+    End { mac: MAC, ip: ip.parse::<IpAddr>().unwrap(), port }
+}
+
+fn measure(repeat: u32) -> Vec<Row> {
+    const XDP_DROP: u32 = 1;
+    const XDP_PASS: u32 = 2;
+    const XDP_TX: u32 = 3;
+    const XDP_REDIRECT: u32 = 4;
+
+    // Identity-rewrite flows: the SNAT range is the one port the client uses.
+    let mut deny = service("ssh", Proto::Tcp, "10.0.2.4:22", "10.0.2.4:22");
+    deny.deny = vec!["10.0.2.0/24".parse().unwrap()];
+    let mut dp = load(
+        vec![
+            service("tcp", Proto::Tcp, "10.0.2.2:8080", "10.0.2.2:8080"),
+            service("udp", Proto::Udp, "10.0.2.3:5353", "10.0.2.3:5353"),
+            deny,
+        ],
+        (PORT, PORT),
+        65536,
+    );
+    let (client, tcp_vip, udp_vip) = (end("10.0.2.1", PORT), end("10.0.2.2", 8080), end("10.0.2.3", 5353));
+    let floor = repeated(dp.pass_program().unwrap(), &packet::syn(client, tcp_vip), XDP_PASS, repeat);
+
+    let syn = packet::syn(client, tcp_vip);
+    let opened = once(dp.program().unwrap(), &syn);
+    assert_eq!(opened, XDP_REDIRECT, "opening the benchmark flow: counters {:?}", dp.stats().unwrap());
+    let prog = dp.program().unwrap();
+    let established = packet::tcp_frame(client, tcp_vip, TCP_ACK, 1, &[0u8; 64]);
+    let udp = packet::frame(client, udp_vip, L4::Udp, &[0u8; 64]);
+    assert_eq!(once(prog, &udp), XDP_REDIRECT, "opening the UDP benchmark flow");
+    let reply = packet::tcp_frame(tcp_vip, client, TCP_ACK, 1, &[0u8; 64]);
+    let ssh = packet::syn(client, end("10.0.2.4", 22));
+
+    let prog = dp.program().unwrap();
+    let fwd = repeated(prog, &established, XDP_REDIRECT, repeat);
+    // Replies leave where the client's SYN came from (lo in a test run): XDP_TX.
+    let rev = repeated(prog, &reply, XDP_TX, repeat);
+    let prog = dp.program().unwrap();
+    let udp_ns = repeated(prog, &udp, XDP_REDIRECT, repeat);
+    let deny_ns = repeated(prog, &ssh, XDP_DROP, repeat);
+
+    // New flows: distinct SYNs, once each. Between batches of 8192 (outside the measured
+    // time) the ring buffer is drained, as the daemon does, and the flows are removed, as they
+    // would close: the SNAT port space towards one backend (64k ports) stays far from full.
+    let n = repeat;
+    let mut dp2 = load(vec![service("new", Proto::Tcp, "10.0.0.100:80", "10.0.2.5:80")], (1024, 65535), 65536);
+    let syns = || (0..n).map(|i| packet::syn(end(&ip_of(i), 1024 + (i % 60000) as u16), end("10.0.0.100", 80)));
+    let pass_each = once_each(&mut dp2, true, syns(), XDP_PASS, |_| {});
+    let mut ring = dp2.take_events().unwrap();
+    let mut records = 0u64;
+    let mut drain = |dp: &mut Dataplane| {
+        while ring.next().is_some() {
+            records += 1;
+        }
+        for pair in dp.flows().unwrap() {
+            dp.remove_flow(&pair).unwrap();
+        }
+    };
+    let new_ns = once_each(&mut dp2, false, syns(), XDP_REDIRECT, &mut drain);
+    drain(&mut dp2);
+    let lost = dp2.stats().unwrap()[lb_common::stat::RINGBUF_LOSS as usize];
+    assert_eq!((records, lost), (n as u64, 0), "one conn_open per new flow, none lost");
+
+    vec![
+        Row { name: "XDP_PASS program (floor)", ns: floor, ratio: 1.0, target: "" },
+        Row { name: "established TCP forward", ns: fwd, ratio: fwd / floor, target: "≤ 3×" },
+        Row { name: "reply (reverse NAT)", ns: rev, ratio: rev / floor, target: "≤ 3×" },
+        Row { name: "UDP forward", ns: udp_ns, ratio: udp_ns / floor, target: "≤ 3×" },
+        Row { name: "ACL deny", ns: deny_ns, ratio: deny_ns / floor, target: "" },
+        Row { name: "XDP_PASS program, one run per call (floor)", ns: pass_each, ratio: 1.0, target: "" },
+        Row {
+            name: "new TCP flow (SYN: Maglev + conntrack insert + record), one run per call",
+            ns: new_ns,
+            ratio: new_ns / pass_each,
+            target: "≤ 10×",
+        },
+    ]
+}
+
+/// A distinct client address for flow `i` (10.128.0.0/9).
+fn ip_of(i: u32) -> String {
+    let a = 0x0a80_0000u32 | (i / 60000 + 1);
+    std::net::Ipv4Addr::from(a).to_string()
+}

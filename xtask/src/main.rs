@@ -1,0 +1,170 @@
+//! `cargo xtask`: the project's own commands.
+//!
+//! - `setup`: the eBPF toolchain (nightly with rust-src, a bpf-linker on the nightly's LLVM) and
+//!   the system tools the tests use (ip, ethtool); idempotent;
+//! - `build [--release]`: setup, then every binary (the eBPF object is embedded in lb-daemon);
+//! - `test [-- ARGS]`: setup, build, then every test, the root-only namespace tests included;
+//! - `bench [-- ARGS]`: setup, then the data-plane benchmark;
+//! - `demo`: setup, build, a client → balancer → two backends topology in network namespaces,
+//!   the daemon, some TCP traffic, the decoded audit log; everything removed afterwards.
+mod demo;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "lb's development commands"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need, when missing: nightly + rust-src, bpf-linker
+    /// matching the nightly's LLVM, ip and ethtool.
+    Setup,
+    /// Setup, then build every binary (lb-daemon with its XDP program, lbctl, lb-audit).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Setup, build, then run every test (as root the network-namespace tests run too).
+    /// Arguments after `--` go to `cargo test`.
+    Test {
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Setup, build, and show lb at work on a topology of network namespaces: TCP connections
+    /// through the balancer, then the decoded audit log. Needs root; cleans up after itself.
+    Demo,
+    /// Setup, then the data-plane benchmark (per-packet cost of the XDP program with
+    /// BPF_PROG_TEST_RUN; needs root). Arguments after `--` go to the benchmark
+    /// (e.g. `-- --repeat 100000`).
+    Bench {
+        /// The data-plane benchmark (the only one so far, and the default).
+        #[arg(long)]
+        dataplane: bool,
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent directory")
+        .to_path_buf()
+}
+
+/// `cargo` as invoked by the user (the one running this xtask).
+pub fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+/// Runs a command, printing it first; fails when it fails.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    println!("$ {}", show(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("`{}` failed ({status})", show(cmd));
+    }
+    Ok(())
+}
+
+/// A command as a shell line, for messages.
+pub fn show(cmd: &Command) -> String {
+    let mut parts: Vec<String> = cmd
+        .get_envs()
+        .filter_map(|(k, v)| v.map(|v| format!("{}={}", k.to_string_lossy(), v.to_string_lossy())))
+        .collect();
+    parts.push(cmd.get_program().to_string_lossy().into_owned());
+    parts.extend(cmd.get_args().map(|a| a.to_string_lossy().into_owned()));
+    parts.join(" ")
+}
+
+/// `cargo build [--release] --workspace --bins` (lb-ebpf is built for BPF by lb-daemon's build
+/// script, never for the host).
+pub fn build(release: bool) -> Result<()> {
+    let mut c = cargo();
+    c.args(["build", "--workspace", "--exclude", "lb-ebpf", "--bins"]);
+    if release {
+        c.arg("--release");
+    }
+    run(&mut c)
+}
+
+fn test(args: &[String]) -> Result<()> {
+    setup::setup()?;
+    build(false)?;
+    let bin_dir = target_dir().join("debug");
+    let mut c = cargo();
+    c.args(["test", "--workspace", "--exclude", "lb-ebpf"])
+        .args(args)
+        .env("LB_BIN_DIR", &bin_dir);
+    let result = run(&mut c);
+    // A test process killed mid-way (Ctrl-C, timeout) cannot remove its namespaces itself.
+    let stale = lb_tests::netns::remove_stale_namespaces();
+    if !stale.is_empty() {
+        println!(
+            "removed namespaces left by interrupted tests: {}",
+            stale.join(", ")
+        );
+    }
+    result.context("tests failed")
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    setup::setup()?;
+    let mut c = cargo();
+    c.args([
+        "bench",
+        "--package",
+        "lb-tests",
+        "--bench",
+        "dataplane",
+        "--",
+    ])
+    .args(args);
+    run(&mut c)
+}
+
+/// The cargo target directory.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Setup => setup::setup(),
+        Cmd::Build { release } => setup::setup().and_then(|()| build(release)),
+        Cmd::Test { args } => test(&args),
+        Cmd::Demo => demo::demo(),
+        Cmd::Bench { dataplane: _, args } => bench(&args),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
