@@ -46,6 +46,8 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
     for iface in &settings.ifaces {
         dp.attach(iface)?;
     }
+    // Attaching a native XDP program may reset the device; readiness means traffic can flow.
+    wait_for_carrier(&settings.ifaces, Duration::from_secs(3)).await;
     let ring = dp.take_events()?;
     // SAFETY: the ring buffer owns its fd, which stays open as long as the AsyncFd owns it.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
@@ -118,6 +120,21 @@ fn check_forwarding(services: &[PlacedService]) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Waits (bounded) until every interface reports carrier again.
+async fn wait_for_carrier(ifaces: &[String], limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    for iface in ifaces {
+        let path = format!("/sys/class/net/{iface}/carrier");
+        while std::fs::read_to_string(&path).map(|c| c.trim() != "1").unwrap_or(false) {
+            if tokio::time::Instant::now() >= deadline {
+                warn!(iface = %iface, "no carrier after attaching the XDP program");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 /// A flow-id base that differs across restarts: seconds since the epoch in the high bits.

@@ -452,14 +452,24 @@ fn try_new_flow(ctx: &XdpContext) -> Result<u32, ()> {
     if refusal != 0 {
         return drop_with(refusal as u32);
     }
-    // The new forward entry is still in the scratch space, its counters already include this
-    // packet: rewrite from there, without looking the flow up again.
-    let scratch = SCRATCH_FLOW.get_ptr(0).ok_or(())?;
+    Ok(forward_opened(ctx))
+}
+
+/// Forwards the packet that opened a flow. The new forward entry is still in the scratch
+/// space, its counters already include this packet: rewrite from there, without looking the
+/// flow up again. Returns the XDP action.
+#[inline(never)]
+fn forward_opened(ctx: &XdpContext) -> u32 {
+    let (Some(pkt), Some(f)) = (SCRATCH_PACKET.get_ptr(0), SCRATCH_FLOW.get_ptr(0)) else {
+        return xdp_action::XDP_DROP;
+    };
     // SAFETY: per-CPU scratch, ours during this run.
-    let f = unsafe { &*scratch };
-    rewrite(ctx, pkt, &f.nat_src, &f.nat_dst, f.nat_sport, f.nat_dport, &f.hop)?;
+    let (pkt, f) = unsafe { (&*pkt, &*f) };
+    if rewrite(ctx, pkt, &f.nat_src, &f.nat_dst, f.nat_sport, f.nat_dport, &f.hop).is_err() {
+        return xdp_action::XDP_DROP;
+    }
     count(stat::FORWARDED);
-    Ok(transmit(ctx, f.hop.ifindex))
+    transmit(ctx, f.hop.ifindex)
 }
 
 /// One packet of an established flow, either way: rewrite it as the entry says, count it,
@@ -781,9 +791,18 @@ fn reserve_snat_port(key: &FlowKey, be: &Backend, cfg: &Config, rev: &Flow) -> u
         af: key.af,
         _pad: 0,
     };
-    for _ in 0..SNAT_PORT_TRIES {
-        // SAFETY: plain helper call.
-        let port = (min + unsafe { bpf_get_prandom_u32() } % range) as u16;
+    // Random ports: the tries are independent, so a try fails with the probability that a port
+    // is taken. A range no larger than the tries is walked instead, so all of it is tried.
+    // SAFETY: plain helper call.
+    let start = unsafe { bpf_get_prandom_u32() } % range;
+    for i in 0..SNAT_PORT_TRIES {
+        let offset = if range <= SNAT_PORT_TRIES {
+            (start + i) % range
+        } else {
+            // SAFETY: plain helper call.
+            (unsafe { bpf_get_prandom_u32() }) % range
+        };
+        let port = (min + offset) as u16;
         rkey.dport = port.to_be();
         match FLOWS.insert(&rkey, rev, BPF_NOEXIST as u64) {
             Ok(()) => return rkey.dport as u64,

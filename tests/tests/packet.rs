@@ -100,7 +100,11 @@ fn fixture(services: Vec<ServiceSpec>) -> Fixture {
 }
 
 fn fixture_sized(services: Vec<ServiceSpec>, maglev: u32) -> Fixture {
-    let settings = settings(services, maglev);
+    fixture_with(settings(services, maglev))
+}
+
+fn fixture_with(settings: Settings) -> Fixture {
+    let maglev = settings.maglev_table_size;
     let services = balancer::place(&settings).unwrap();
     let mut dp = Dataplane::load(maglev, settings.conntrack_size).unwrap();
     dp.configure(settings.snat_ports, maglev, 1 << 24).unwrap();
@@ -572,7 +576,7 @@ fn maglev_spread_weights_and_minimal_disruption() {
             (0..N).map(|i| client(&format!("10.{}.{}.{}", 1 + i / 2000, (i / 200) % 10, i % 200 + 1), 1024 + i)).collect();
         let backend_of = |fx: &mut Fixture, c: &End| -> IpAddr {
             let (a, out) = run(fx, &packet::syn(*c, v));
-            assert_eq!(a, XDP_REDIRECT);
+            assert_eq!(a, XDP_REDIRECT, "{c:?}: counters {:?}", fx.dp.stats().unwrap());
             packet::parse(&out).dst
         };
         let first: Vec<IpAddr> = clients.iter().map(|c| backend_of(&mut fx, c)).collect();
@@ -614,5 +618,40 @@ fn maglev_spread_weights_and_minimal_disruption() {
         eprintln!("removing 1 of 3 backends moved {moved:.3} of flows; theoretical minimum {minimum:.3}; {kept_elsewhere:.3} of the others stayed");
         assert!(moved <= minimum + 0.03, "moved {moved} vs minimum {minimum}");
         assert!(kept_elsewhere > 0.96);
+    });
+}
+
+/// SNAT ports: a small range is used without collision, and a flow that finds it exhausted is
+/// refused with a record; a released port is reused.
+#[test]
+fn snat_ports_never_collide_and_exhaustion_is_refused_with_a_record() {
+    if !root("snat_ports_never_collide_and_exhaustion_is_refused_with_a_record") {
+        return;
+    }
+    let ns = setup_ns();
+    ns.enter(|| {
+        let mut st = settings(vec![service("web", Proto::Tcp, "10.0.0.100:80", &["10.0.2.2:8080"])], 4093);
+        st.snat_ports = (50000, 50003);
+        let mut fx = fixture_with(st);
+        let v = vip("10.0.0.100", 80);
+        let mut ports = Vec::new();
+        for i in 0..4u16 {
+            let (a, out) = run(&mut fx, &packet::syn(client("10.0.1.2", 1000 + i), v));
+            assert_eq!(a, XDP_REDIRECT, "flow {i}");
+            ports.push(packet::parse(&out).sport);
+        }
+        ports.sort();
+        assert_eq!(ports, [50000, 50001, 50002, 50003], "four flows, four distinct ports");
+        events(&mut fx);
+        assert_eq!(run(&mut fx, &packet::syn(client("10.0.1.2", 2000), v)).0, XDP_DROP);
+        let ev = events(&mut fx);
+        assert_eq!((ev.len(), ev[0].kind, ev[0].reason), (1, event_kind::CONN_DENY, deny_reason::SNAT_EXHAUSTED));
+        assert_eq!(stat_of(&mut fx, stat::DENY_SNAT_EXHAUSTED), 1);
+        // One flow resets; once its entries are gone its port serves a new flow.
+        let pair = fx.dp.flows().unwrap().into_iter().find(|p| u16::from_be(p.key.sport) == 1000).unwrap();
+        fx.dp.remove_flow(&pair).unwrap();
+        let (a, out) = run(&mut fx, &packet::syn(client("10.0.1.2", 2001), v));
+        assert_eq!(a, XDP_REDIRECT);
+        assert_eq!(packet::parse(&out).sport, u16::from_be(pair.fwd.nat_sport));
     });
 }
