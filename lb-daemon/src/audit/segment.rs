@@ -1,0 +1,268 @@
+//! Segment files: a fixed header, then framed records.
+//!
+//! ```text
+//! header (128 bytes, integers little-endian)
+//!   0  magic        "LBAUDIT\0"
+//!   8  version      u16 = 1
+//!  10  header_len   u16 = 128
+//!  12  incompat     u32   feature flags a reader must understand (refuses unknown bits)
+//!  16  compat       u32   feature flags a reader may ignore
+//!  20  reserved     u32
+//!  24  index        u64   segment number, from 1
+//!  32  first_seq    u64   seq of the first record in this segment
+//!  40  created_ns   i64   Unix ns when the segment was created
+//!  48  host_id      16 bytes (/etc/machine-id, or zero)
+//!  64  boot_id      16 bytes (/proc/sys/kernel/random/boot_id, or zero)
+//!  80  prev_head    32 bytes (chain head carried from the previous segment; zero)
+//! 112  reserved     12 bytes
+//! 124  header_crc   u32   CRC32C of bytes 0..124
+//! frame
+//!   0  len   u32   bytes of type + payload
+//!   4  crc   u32   CRC32C of type + payload
+//!   8  type  u8    1 = record
+//!   9  payload     bincode 2 (standard config) encoding of `Record`
+//! ```
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+
+use super::record::Record;
+
+pub const MAGIC: &[u8; 8] = b"LBAUDIT\0";
+pub const VERSION: u16 = 1;
+pub const HEADER_LEN: usize = 128;
+/// Incompatible-feature bits this reader understands.
+pub const KNOWN_INCOMPAT: u32 = 0;
+pub const FRAME_RECORD: u8 = 1;
+/// Largest frame accepted: a record is a few hundred bytes; anything this large is corruption.
+pub const MAX_FRAME: u32 = 1 << 20;
+pub const SUFFIX: &str = "lbaudit";
+
+/// A segment's header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub incompat: u32,
+    pub compat: u32,
+    pub index: u64,
+    pub first_seq: u64,
+    pub created_ns: i64,
+    pub host_id: [u8; 16],
+    pub boot_id: [u8; 16],
+    pub prev_head: [u8; 32],
+}
+
+impl Header {
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..8].copy_from_slice(MAGIC);
+        b[8..10].copy_from_slice(&VERSION.to_le_bytes());
+        b[10..12].copy_from_slice(&(HEADER_LEN as u16).to_le_bytes());
+        b[12..16].copy_from_slice(&self.incompat.to_le_bytes());
+        b[16..20].copy_from_slice(&self.compat.to_le_bytes());
+        b[24..32].copy_from_slice(&self.index.to_le_bytes());
+        b[32..40].copy_from_slice(&self.first_seq.to_le_bytes());
+        b[40..48].copy_from_slice(&self.created_ns.to_le_bytes());
+        b[48..64].copy_from_slice(&self.host_id);
+        b[64..80].copy_from_slice(&self.boot_id);
+        b[80..112].copy_from_slice(&self.prev_head);
+        let crc = crc32c::crc32c(&b[..124]);
+        b[124..128].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> anyhow::Result<Header> {
+        if b.len() < HEADER_LEN {
+            bail!("segment shorter than its header ({} bytes)", b.len());
+        }
+        if &b[0..8] != MAGIC {
+            bail!("not an lb audit segment (bad magic)");
+        }
+        let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
+        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
+        if crc32c::crc32c(&b[..124]) != u32_at(124) {
+            bail!("segment header checksum mismatch");
+        }
+        let version = u16_at(8);
+        if version != VERSION || u16_at(10) as usize != HEADER_LEN {
+            bail!("unsupported segment format version {version}");
+        }
+        let incompat = u32_at(12);
+        if incompat & !KNOWN_INCOMPAT != 0 {
+            bail!("segment uses incompatible features {incompat:#x} this reader does not know");
+        }
+        Ok(Header {
+            incompat,
+            compat: u32_at(16),
+            index: u64_at(24),
+            first_seq: u64_at(32),
+            created_ns: u64_at(40) as i64,
+            host_id: b[48..64].try_into().expect("16 bytes"),
+            boot_id: b[64..80].try_into().expect("16 bytes"),
+            prev_head: b[80..112].try_into().expect("32 bytes"),
+        })
+    }
+}
+
+/// The encoding of every payload.
+pub fn bincode_config() -> bincode::config::Configuration {
+    bincode::config::standard()
+}
+
+/// One frame's bytes for a record.
+pub fn encode_frame(rec: &Record) -> anyhow::Result<Vec<u8>> {
+    let payload = bincode::serde::encode_to_vec(rec, bincode_config()).context("encoding a record")?;
+    let mut body = Vec::with_capacity(1 + payload.len());
+    body.push(FRAME_RECORD);
+    body.extend_from_slice(&payload);
+    let mut frame = Vec::with_capacity(8 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+    frame.extend_from_slice(&body);
+    Ok(frame)
+}
+
+/// The segment files of a log directory, by index.
+pub fn list(dir: &Path) -> anyhow::Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+        let Some(stem) = name.strip_suffix(&format!(".{SUFFIX}")) else { continue };
+        if let Ok(index) = stem.parse::<u64>() {
+            out.push((index, path));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+pub fn segment_path(dir: &Path, index: u64) -> PathBuf {
+    dir.join(format!("{index:08}.{SUFFIX}"))
+}
+
+/// What reading a frame found.
+pub enum Frame {
+    Record(Box<Record>),
+    /// Clean end of the segment.
+    End,
+    /// Bytes that do not form a whole, valid frame: a torn write at the tail, or corruption.
+    Bad { offset: u64, why: String },
+}
+
+/// Reads the records of one segment in order, with bounded memory.
+pub struct SegmentReader {
+    pub header: Header,
+    input: BufReader<File>,
+    pub offset: u64,
+    len: u64,
+}
+
+impl SegmentReader {
+    pub fn open(path: &Path) -> anyhow::Result<SegmentReader> {
+        let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let len = file.metadata()?.len();
+        let mut head = [0u8; HEADER_LEN];
+        file.read_exact(&mut head)
+            .map_err(|_| anyhow!("{}: shorter than a segment header", path.display()))?;
+        let header = Header::decode(&head).with_context(|| path.display().to_string())?;
+        Ok(SegmentReader { header, input: BufReader::new(file), offset: HEADER_LEN as u64, len })
+    }
+
+    pub fn next_frame(&mut self) -> io::Result<Frame> {
+        let start = self.offset;
+        if start == self.len {
+            return Ok(Frame::End);
+        }
+        let bad = |why: &str| Ok(Frame::Bad { offset: start, why: why.to_string() });
+        if self.len - start < 8 {
+            return bad("truncated frame header");
+        }
+        let mut fh = [0u8; 8];
+        self.input.read_exact(&mut fh)?;
+        let len = u32::from_le_bytes(fh[0..4].try_into().expect("4 bytes"));
+        let crc = u32::from_le_bytes(fh[4..8].try_into().expect("4 bytes"));
+        if len == 0 || len > MAX_FRAME {
+            return bad("impossible frame length");
+        }
+        if self.len - start - 8 < len as u64 {
+            return bad("truncated frame");
+        }
+        let mut body = vec![0u8; len as usize];
+        self.input.read_exact(&mut body)?;
+        self.offset = start + 8 + len as u64;
+        if crc32c::crc32c(&body) != crc {
+            return bad("frame checksum mismatch");
+        }
+        if body[0] != FRAME_RECORD {
+            return bad("unknown frame type");
+        }
+        match bincode::serde::decode_from_slice::<Record, _>(&body[1..], bincode_config()) {
+            Ok((rec, used)) if used == body.len() - 1 => Ok(Frame::Record(Box::new(rec))),
+            Ok(_) => bad("trailing bytes after the record"),
+            Err(e) => Ok(Frame::Bad { offset: start, why: format!("undecodable record: {e}") }),
+        }
+    }
+}
+
+/// Appends frames to one segment.
+pub struct SegmentWriter {
+    pub path: PathBuf,
+    out: BufWriter<File>,
+    pub len: u64,
+}
+
+impl SegmentWriter {
+    pub fn create(dir: &Path, header: &Header) -> anyhow::Result<SegmentWriter> {
+        let path = segment_path(dir, header.index);
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        file.write_all(&header.encode())?;
+        file.sync_all()?;
+        // The new file's directory entry must be durable too.
+        File::open(dir)?.sync_all()?;
+        Ok(SegmentWriter { path, out: BufWriter::with_capacity(1 << 16, file), len: HEADER_LEN as u64 })
+    }
+
+    /// Reopens a segment for appending after `valid_len` bytes; anything beyond is cut off.
+    pub fn reopen(path: &Path, valid_len: u64) -> anyhow::Result<SegmentWriter> {
+        let mut file = OpenOptions::new().write(true).open(path).with_context(|| format!("opening {}", path.display()))?;
+        file.set_len(valid_len)?;
+        file.seek(SeekFrom::Start(valid_len))?;
+        file.sync_all()?;
+        Ok(SegmentWriter { path: path.to_path_buf(), out: BufWriter::with_capacity(1 << 16, file), len: valid_len })
+    }
+
+    pub fn write(&mut self, frame: &[u8]) -> io::Result<()> {
+        self.out.write_all(frame)?;
+        self.len += frame.len() as u64;
+        Ok(())
+    }
+
+    /// Writes buffered frames and makes them durable.
+    pub fn sync(&mut self) -> io::Result<()> {
+        self.out.flush()?;
+        self.out.get_ref().sync_data()
+    }
+}
+
+/// Reads a 16-byte identifier from a file of hex text (machine-id, boot_id); zero if absent.
+pub fn read_id(path: &str) -> [u8; 16] {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let hex: String = text.chars().filter(char::is_ascii_hexdigit).take(32).collect();
+    let mut id = [0u8; 16];
+    if hex.len() == 32 {
+        for (i, b) in id.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap_or(0);
+        }
+    }
+    id
+}

@@ -1,0 +1,210 @@
+use std::{
+    fs::OpenOptions,
+    io::{Seek, SeekFrom, Write},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use super::*;
+
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(tag: &str) -> Dir {
+        let p = std::env::temp_dir().join(format!("lb-audit-test-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        Dir(p)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn every_kind() -> Vec<Event> {
+    vec![
+        Event::DaemonStart(DaemonStart { version: "0.1.0".into(), config: r#"{"ifaces":["eth0"]}"#.into() }),
+        Event::ConnOpen(ConnOpen {
+            flow_id: 7,
+            proto: Proto::Tcp,
+            client: sa("10.0.1.2:40000"),
+            vip: sa("10.0.0.100:80"),
+            service: "web".into(),
+            backend: sa("10.0.2.2:8080"),
+            snat: sa("10.0.2.1:20000"),
+            reason: "maglev".into(),
+            generation: 1,
+        }),
+        Event::ConnClose(ConnClose {
+            flow_id: 7,
+            proto: Proto::Udp,
+            client: sa("[fd00:1::2]:40000"),
+            vip: sa("[fd00::100]:53"),
+            service: "dns6".into(),
+            backend: sa("[fd00:2::2]:5353"),
+            duration_ns: 123_456_789,
+            bytes_to_backend: 100,
+            bytes_to_client: 333,
+            packets_to_backend: 4,
+            packets_to_client: 3,
+            close_reason: CloseReason::IdleTimeout,
+        }),
+        Event::ConnDeny(ConnDeny {
+            proto: Proto::Tcp,
+            client: sa("10.1.2.5:1000"),
+            vip: sa("10.0.0.100:22"),
+            service: "adm".into(),
+            reason: DenyReason::Acl,
+            rule: Some("deny 10.1.2.0/24".into()),
+            suppressed: 9,
+        }),
+        Event::DaemonStop(DaemonStop { reason: "signal".into() }),
+    ]
+}
+
+fn read_all(dir: &Path) -> anyhow::Result<Vec<Record>> {
+    AuditReader::open(dir)?.collect()
+}
+
+fn t0() -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_nanos(1_795_000_000_123_456_789)
+}
+
+#[test]
+fn every_kind_round_trips_in_order() {
+    let d = Dir::new("roundtrip");
+    let mut w = AuditWriter::open(&d.0).unwrap();
+    for (i, e) in every_kind().into_iter().enumerate() {
+        assert_eq!(w.append(t0() + Duration::from_secs(i as u64), e).unwrap(), i as u64 + 1);
+    }
+    w.sync().unwrap();
+    let recs = read_all(&d.0).unwrap();
+    assert_eq!(recs.iter().map(|r| r.event.clone()).collect::<Vec<_>>(), every_kind());
+    assert_eq!(recs.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+    assert_eq!(recs[0].time_ns, 1_795_000_000_123_456_789);
+}
+
+#[test]
+fn seq_continues_across_reopen() {
+    let d = Dir::new("reopen");
+    {
+        let mut w = AuditWriter::open(&d.0).unwrap();
+        w.append(t0(), every_kind()[0].clone()).unwrap();
+        w.append(t0(), every_kind()[1].clone()).unwrap();
+        w.sync().unwrap();
+    }
+    let mut w = AuditWriter::open(&d.0).unwrap();
+    assert_eq!(w.append(t0(), every_kind()[4].clone()).unwrap(), 3);
+    w.sync().unwrap();
+    assert_eq!(read_all(&d.0).unwrap().len(), 3);
+}
+
+#[test]
+fn a_torn_tail_is_cut_off_on_reopen() {
+    let d = Dir::new("torn");
+    {
+        let mut w = AuditWriter::open(&d.0).unwrap();
+        for e in every_kind() {
+            w.append(t0(), e).unwrap();
+        }
+        w.sync().unwrap();
+    }
+    let seg = segment::segment_path(&d.0, 1);
+    let len = std::fs::metadata(&seg).unwrap().len();
+    // A crash in the middle of writing the last record.
+    OpenOptions::new().write(true).open(&seg).unwrap().set_len(len - 5).unwrap();
+    assert_eq!(read_all(&d.0).unwrap().len(), 4, "a reader stops before the torn record");
+    let mut w = AuditWriter::open(&d.0).unwrap();
+    assert_eq!(w.append(t0(), every_kind()[4].clone()).unwrap(), 5, "seq goes on from the last whole record");
+    w.sync().unwrap();
+    let recs = read_all(&d.0).unwrap();
+    assert_eq!(recs.len(), 5);
+    assert_eq!(recs[4].event, every_kind()[4]);
+}
+
+#[test]
+fn damage_in_the_middle_is_an_error_naming_the_place() {
+    let d = Dir::new("flip");
+    {
+        let mut w = AuditWriter::open(&d.0).unwrap();
+        for e in every_kind() {
+            w.append(t0(), e).unwrap();
+        }
+        w.sync().unwrap();
+    }
+    let seg = segment::segment_path(&d.0, 1);
+    let mut f = OpenOptions::new().read(true).write(true).open(&seg).unwrap();
+    f.seek(SeekFrom::Start(segment::HEADER_LEN as u64 + 20)).unwrap();
+    f.write_all(&[0xff]).unwrap();
+    let err = format!("{:#}", read_all(&d.0).unwrap_err());
+    assert!(err.contains("00000001.lbaudit") && err.contains("offset 128") && err.contains("checksum"), "{err}");
+}
+
+#[test]
+fn garbage_is_refused_not_panicked_on() {
+    let d = Dir::new("garbage");
+    std::fs::create_dir_all(&d.0).unwrap();
+    std::fs::write(segment::segment_path(&d.0, 1), b"definitely not a segment").unwrap();
+    assert!(read_all(&d.0).is_err());
+    assert!(AuditWriter::open(&d.0).is_err(), "the writer does not append to something it cannot read");
+    let header = |incompat| segment::Header {
+        incompat,
+        compat: 0,
+        index: 1,
+        first_seq: 1,
+        created_ns: 0,
+        host_id: [0; 16],
+        boot_id: [0; 16],
+        prev_head: [0; 32],
+    };
+    std::fs::write(segment::segment_path(&d.0, 1), header(0x8000).encode()).unwrap();
+    let err = format!("{:#}", read_all(&d.0).unwrap_err());
+    assert!(err.contains("incompatible features"), "{err}");
+    // Random bytes after a valid header: an error or a clean end, never a panic or a hang.
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for _ in 0..300 {
+        let mut seg = header(0).encode().to_vec();
+        for _ in 0..(seed % 64) {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seg.push(seed as u8);
+        }
+        std::fs::write(segment::segment_path(&d.0, 1), &seg).unwrap();
+        let _ = read_all(&d.0);
+    }
+}
+
+#[test]
+fn json_uses_the_contract_names() {
+    let recs: Vec<Record> = every_kind()
+        .into_iter()
+        .enumerate()
+        .map(|(i, event)| Record { seq: i as u64 + 1, time_ns: 1_795_000_000_123_456_789, event })
+        .collect();
+    let j: Vec<_> = recs.iter().map(record_to_json).collect();
+    assert_eq!(j[0]["kind"], "daemon_start");
+    assert_eq!(j[0]["config"]["ifaces"][0], "eth0", "config is the parsed object");
+    assert_eq!(j[0]["time"], "2026-11-18T11:06:40.123456789Z");
+    for k in ["flow_id", "proto", "client", "vip", "service", "backend", "snat", "reason", "generation"] {
+        assert!(!j[1][k].is_null(), "conn_open lacks {k}");
+    }
+    assert_eq!(j[1]["client"], "10.0.1.2:40000");
+    for k in [
+        "flow_id", "proto", "client", "vip", "service", "backend", "duration_ns", "bytes_to_backend",
+        "bytes_to_client", "packets_to_backend", "packets_to_client", "close_reason",
+    ] {
+        assert!(!j[2][k].is_null(), "conn_close lacks {k}");
+    }
+    assert_eq!(j[2]["client"], "[fd00:1::2]:40000");
+    assert_eq!(j[2]["close_reason"], "idle_timeout");
+    assert_eq!((j[3]["reason"].as_str(), j[3]["rule"].as_str()), (Some("acl"), Some("deny 10.1.2.0/24")));
+    assert_eq!(j[4]["kind"], "daemon_stop");
+}
