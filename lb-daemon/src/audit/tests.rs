@@ -208,3 +208,28 @@ fn json_uses_the_contract_names() {
     assert_eq!((j[3]["reason"].as_str(), j[3]["rule"].as_str()), (Some("acl"), Some("deny 10.1.2.0/24")));
     assert_eq!(j[4]["kind"], "daemon_stop");
 }
+
+/// The two example frames of docs/audit-format.md, byte for byte: the encoding is frozen.
+#[test]
+fn golden_frames_match_the_specification() {
+    let hex = |f: Vec<u8>| f.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ");
+    let open = Record { seq: 1, time_ns: 1_795_000_000_123_456_789, event: every_kind()[1].clone() };
+    assert_eq!(
+        hex(segment::encode_frame(&open).unwrap()),
+        "38 00 00 00 af 8e 71 d7 01 01 fd 2a 9a 5e c6 fa 3d d2 31 02 07 00 00 0a 00 01 02 fb 40 9c 00 0a 00 00 64 50 \
+         03 77 65 62 00 0a 00 02 02 fb 90 1f 00 0a 00 02 01 fb 20 4e 06 6d 61 67 6c 65 76 01"
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let close = Record { seq: 300, time_ns: 1_795_000_000_123_456_789, event: every_kind()[2].clone() };
+    assert_eq!(
+        hex(segment::encode_frame(&close).unwrap()),
+        "5b 00 00 00 a7 66 32 ec 01 fb 2c 01 fd 2a 9a 5e c6 fa 3d d2 31 03 07 01 01 fd 00 00 01 00 00 00 00 00 00 00 \
+         00 00 00 00 02 fb 40 9c 01 fd 00 00 00 00 00 00 00 00 00 00 00 00 00 01 00 35 04 64 6e 73 36 01 fd 00 00 02 \
+         00 00 00 00 00 00 00 00 00 00 00 02 fb e9 14 fc 15 cd 5b 07 64 fb 4d 01 04 03 02"
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+}
