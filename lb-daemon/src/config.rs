@@ -62,6 +62,28 @@ pub struct Args {
     #[arg(long = "audit-dir", value_name = "DIR", default_value = DEFAULT_AUDIT_DIR)]
     pub audit_dir: PathBuf,
 
+    /// When audit records are made durable: `always` (each batch, group commit), `interval=1s`,
+    /// or `never` (left to the kernel).
+    #[arg(long = "audit-fsync", value_name = "POLICY", default_value = "always", value_parser = clap::value_parser!(crate::audit::FsyncPolicy))]
+    pub audit_fsync: crate::audit::FsyncPolicy,
+
+    /// Seal checkpoints with a forward-secure key derived from this file (keep a copy offline:
+    /// `lb-audit verify --key` needs the original).
+    #[arg(long = "audit-seal-key", value_name = "FILE")]
+    pub audit_seal_key: Option<PathBuf>,
+
+    /// Start a new audit segment when the current one reaches this many MiB.
+    #[arg(long = "audit-segment-mib", value_name = "MIB", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub audit_segment_mib: u64,
+
+    /// A checkpoint (chain head, seal) every N records...
+    #[arg(long = "audit-checkpoint-records", value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub audit_checkpoint_records: u64,
+
+    /// ...or this long after the previous one.
+    #[arg(long = "audit-checkpoint-interval", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub audit_checkpoint_interval: Duration,
+
     /// A TCP flow with no packet for this long is closed (`idle_timeout`).
     #[arg(long = "tcp-idle-timeout", value_name = "DURATION", default_value = "300s", value_parser = parse_duration)]
     pub tcp_idle_timeout: Duration,
@@ -183,6 +205,7 @@ pub struct Settings {
     pub snat_ips: Vec<IpAddr>,
     pub snat_ports: (u16, u16),
     pub audit_dir: PathBuf,
+    pub audit: AuditSettings,
     #[serde(serialize_with = "as_secs")]
     pub tcp_idle_timeout: Duration,
     #[serde(serialize_with = "as_secs")]
@@ -191,6 +214,40 @@ pub struct Settings {
     pub closed_linger: Duration,
     pub maglev_table_size: u32,
     pub conntrack_size: u32,
+}
+
+/// How the audit log is written.
+#[derive(Clone, Debug, Serialize)]
+pub struct AuditSettings {
+    #[serde(serialize_with = "fsync_name")]
+    pub fsync: crate::audit::FsyncPolicy,
+    /// The key file's path (its content is never recorded).
+    pub seal_key: Option<PathBuf>,
+    pub segment_mib: u64,
+    pub checkpoint_records: u64,
+    #[serde(serialize_with = "as_secs")]
+    pub checkpoint_interval: Duration,
+}
+
+impl Default for AuditSettings {
+    /// The flags' defaults.
+    fn default() -> Self {
+        AuditSettings {
+            fsync: crate::audit::FsyncPolicy::Always,
+            seal_key: None,
+            segment_mib: 64,
+            checkpoint_records: 1000,
+            checkpoint_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+fn fsync_name<S: serde::Serializer>(p: &crate::audit::FsyncPolicy, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&match p {
+        crate::audit::FsyncPolicy::Always => "always".to_string(),
+        crate::audit::FsyncPolicy::Never => "never".to_string(),
+        crate::audit::FsyncPolicy::Interval(d) => format!("interval={}ms", d.as_millis()),
+    })
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -301,6 +358,13 @@ impl Args {
             snat_ips: self.snat_ips,
             snat_ports,
             audit_dir: self.audit_dir,
+            audit: AuditSettings {
+                fsync: self.audit_fsync,
+                seal_key: self.audit_seal_key,
+                segment_mib: self.audit_segment_mib,
+                checkpoint_records: self.audit_checkpoint_records,
+                checkpoint_interval: self.audit_checkpoint_interval,
+            },
             tcp_idle_timeout: self.tcp_idle_timeout,
             udp_idle_timeout: self.udp_idle_timeout,
             closed_linger: self.closed_linger,

@@ -14,7 +14,10 @@ use tokio::io::{Interest, unix::AsyncFd};
 use tracing::{info, warn};
 
 use crate::{
-    audit::{AuditWriter, CloseReason, ConnClose, ConnDeny, ConnOpen, DaemonStart, DaemonStop, DenyReason, Event, Proto},
+    audit::{
+        self, AuditWriter, CloseReason, ConnClose, ConnDeny, ConnOpen, DaemonStart, DaemonStop, DenyReason, Event,
+        Loss, Proto, SealKey,
+    },
     balancer::{self, PlacedService},
     config::Settings,
     dataplane::{self, Dataplane, FlowPair, socket_addr},
@@ -32,7 +35,18 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
             anyhow::bail!("--iface {iface}: no such network interface");
         }
     }
-    let mut audit = AuditWriter::open(&settings.audit_dir)
+    let seal_key = match &settings.audit.seal_key {
+        Some(path) => Some(SealKey::from_file(path).context("--audit-seal-key")?),
+        None => None,
+    };
+    let opts = audit::Options {
+        fsync: settings.audit.fsync,
+        segment_bytes: settings.audit.segment_mib << 20,
+        checkpoint_records: settings.audit.checkpoint_records,
+        checkpoint_interval: settings.audit.checkpoint_interval,
+        seal_key,
+    };
+    let mut audit = AuditWriter::open_with(&settings.audit_dir, opts)
         .with_context(|| format!("--audit-dir {}: cannot open the audit log", settings.audit_dir.display()))?;
     let services = balancer::place(&settings)?;
     let names = Names::new(&services);
@@ -61,6 +75,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
     audit.sync()?;
     info!(ifaces = ?settings.ifaces, services = services.len(), "ready");
 
+    let mut loss_seen = KernelLoss { count: 0, since: SystemTime::now() };
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
     let mut neigh = tokio::time::interval(NEIGHBOR_REFRESH);
     neigh.tick().await; // the first tick is immediate; neighbours were just primed
@@ -75,6 +90,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
             }
             _ = sweep.tick() => {
                 sweep_flows(&mut dp, &mut audit, &names, &settings)?;
+                record_kernel_loss(&mut dp, &mut audit, &mut loss_seen)?;
                 audit.sync()?;
             }
             _ = neigh.tick() => refresh_neighbors(backend_ips.clone()).await,
@@ -96,8 +112,9 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
         dp.remove_flow(&pair)?;
     }
     let now = SystemTime::now();
+    record_kernel_loss(&mut dp, &mut audit, &mut loss_seen)?;
     audit.append(now, Event::DaemonStop(DaemonStop { reason: "signal".to_string() }))?;
-    audit.sync()?;
+    audit.close()?;
     info!(closed_at_shutdown = closed, "stopped");
     Ok(())
 }
@@ -119,6 +136,29 @@ fn check_forwarding(services: &[PlacedService]) -> anyhow::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// The kernel's count of ring-buffer records it could not reserve, as last recorded.
+struct KernelLoss {
+    count: u64,
+    since: SystemTime,
+}
+
+/// Turns new kernel ring-buffer losses into a `loss` record, so the log states its own gaps.
+fn record_kernel_loss(dp: &mut Dataplane, audit: &mut AuditWriter, seen: &mut KernelLoss) -> anyhow::Result<()> {
+    let now = SystemTime::now();
+    let count = dp.stats()?[lb_common::stat::RINGBUF_LOSS as usize];
+    if count > seen.count {
+        let ns = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
+        warn!(lost = count - seen.count, "the kernel could not queue audit records: ring buffer full");
+        audit.append(
+            now,
+            Event::Loss(Loss { source: "kernel_ringbuf".into(), count: count - seen.count, since_ns: ns(seen.since), until_ns: ns(now) }),
+        )?;
+        seen.count = count;
+    }
+    seen.since = now;
     Ok(())
 }
 

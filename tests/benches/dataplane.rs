@@ -76,6 +76,7 @@ fn load(services: Vec<ServiceSpec>, snat_ports: (u16, u16), conntrack: u32) -> D
         snat_ips: vec!["10.0.2.1".parse().unwrap()],
         snat_ports,
         audit_dir: "/nonexistent".into(),
+        audit: Default::default(),
         tcp_idle_timeout: Duration::from_secs(300),
         udp_idle_timeout: Duration::from_secs(30),
         closed_linger: Duration::from_secs(10),

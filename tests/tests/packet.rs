@@ -87,6 +87,7 @@ fn settings(services: Vec<ServiceSpec>, maglev: u32) -> Settings {
         snat_ips: vec!["10.0.2.1".parse().unwrap(), "fd00:2::1".parse().unwrap()],
         snat_ports: (SNAT_PORT, SNAT_PORT + SNAT_PORTS - 1),
         audit_dir: "/nonexistent".into(),
+        audit: Default::default(),
         tcp_idle_timeout: Duration::from_secs(300),
         udp_idle_timeout: Duration::from_secs(30),
         closed_linger: Duration::from_secs(10),

@@ -1,67 +1,173 @@
 //! The audit log: a directory of segment files holding framed, checksummed records with a
-//! gapless sequence number. `AuditWriter` appends (continuing an existing log after cutting
-//! off a torn tail); `AuditReader` streams every record back in order.
+//! gapless sequence number, linked by a SHA-256 hash chain that `checkpoint` records carry and
+//! optionally seal with a forward-secure key. `AuditWriter` appends (continuing an existing
+//! log after cutting off a torn tail, which it records); `AuditReader` streams every record
+//! back in order; `verify` proves a log intact or names the first damage.
 //!
 //! The byte layout is specified in docs/audit-format.md and in `segment`.
 
 pub mod record;
+pub mod seal;
 pub mod segment;
+pub mod verify;
 
 use std::{
     path::{Path, PathBuf},
-    time::SystemTime,
+    str::FromStr,
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, bail};
 use tracing::warn;
 
 pub use record::{
-    CloseReason, ConnClose, ConnDeny, ConnOpen, DaemonStart, DaemonStop, DenyReason, Event, Proto,
-    Record, record_to_json, rfc3339,
+    Actor, Alert, Checkpoint, CloseReason, ConfigChange, ConnClose, ConnDeny, ConnOpen,
+    ControlDenied, DaemonStart, DaemonStop, DenyReason, Event, HealthChange, Loss, Proto, Record,
+    Recovery, record_to_json, rfc3339,
 };
+pub use seal::SealKey;
 use segment::{Frame, Header, SegmentReader, SegmentWriter};
 
 #[cfg(test)]
 mod tests;
 
+/// When written records are made durable (`--audit-fsync`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// Every `sync` (each batch of records: group commit) ends with fdatasync.
+    Always,
+    /// Records are written at once, fdatasync at most this often.
+    Interval(Duration),
+    /// Records are written at once; the kernel decides when they reach the disk.
+    Never,
+}
+
+impl FromStr for FsyncPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "always" => Ok(FsyncPolicy::Always),
+            "never" => Ok(FsyncPolicy::Never),
+            _ => match s.strip_prefix("interval=") {
+                Some(d) => crate::config::parse_duration(d).map(FsyncPolicy::Interval),
+                None => Err(format!("'{s}': expected always, never or interval=DURATION")),
+            },
+        }
+    }
+}
+
+/// How the writer lays out and protects the log.
+#[derive(Clone)]
+pub struct Options {
+    pub fsync: FsyncPolicy,
+    /// A segment that reaches this size is closed and a new one started.
+    pub segment_bytes: u64,
+    /// A checkpoint after this many records...
+    pub checkpoint_records: u64,
+    /// ...or this long after the previous one, whichever comes first.
+    pub checkpoint_interval: Duration,
+    /// The initial seal key; `None` leaves checkpoints unsealed.
+    pub seal_key: Option<SealKey>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            fsync: FsyncPolicy::Always,
+            segment_bytes: 64 << 20,
+            checkpoint_records: 1000,
+            checkpoint_interval: Duration::from_secs(10),
+            seal_key: None,
+        }
+    }
+}
+
 /// Appends records to a log directory.
 pub struct AuditWriter {
     dir: PathBuf,
+    opts: Options,
     segment: SegmentWriter,
+    index: u64,
     next_seq: u64,
+    head: [u8; 32],
+    since_checkpoint: u64,
+    last_checkpoint: Instant,
+    last_fsync: Instant,
+    seal: Option<SealKey>,
 }
 
 impl AuditWriter {
-    /// Opens (creating if needed) the log directory; continues an existing log (`seq` goes on
-    /// gaplessly) or starts a new one at `seq` 1. A torn record at the end of the last segment
-    /// (a write cut short by a crash) is cut off, with a warning.
+    /// `open_with` and the default options.
     pub fn open(dir: &Path) -> anyhow::Result<AuditWriter> {
+        Self::open_with(dir, Options::default())
+    }
+
+    /// Opens (creating if needed) the log directory; continues an existing log (`seq` and the
+    /// hash chain go on) or starts a new one at `seq` 1. A torn record at the end of the last
+    /// segment (a write cut short by a crash) is cut off and a `recovery` record says so.
+    pub fn open_with(dir: &Path, opts: Options) -> anyhow::Result<AuditWriter> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let seal = match (&opts.seal_key, SealKey::load_state(dir)?) {
+            (None, _) => None,
+            (Some(_), Some(state)) => Some(state),
+            (Some(initial), None) => Some(initial.clone()),
+        };
+        let now = Instant::now();
         let segments = segment::list(dir)?;
         let Some((index, path)) = segments.last().cloned() else {
-            let segment = SegmentWriter::create(dir, &new_header(1, 1))?;
-            return Ok(AuditWriter { dir: dir.to_path_buf(), segment, next_seq: 1 });
+            let segment = SegmentWriter::create(dir, &new_header(1, 1, [0; 32]))?;
+            return Ok(AuditWriter {
+                dir: dir.to_path_buf(),
+                opts,
+                segment,
+                index: 1,
+                next_seq: 1,
+                head: [0; 32],
+                since_checkpoint: 0,
+                last_checkpoint: now,
+                last_fsync: now,
+                seal,
+            });
         };
         let mut reader = SegmentReader::open(&path)?;
         let mut next_seq = reader.header.first_seq;
+        let mut head = reader.header.prev_head;
+        let mut torn = None;
         let valid_len = loop {
             match reader.next_frame()? {
                 Frame::Record(r) => {
                     if r.seq != next_seq {
                         bail!("{}: record seq {} where {} was expected", path.display(), r.seq, next_seq);
                     }
+                    head = segment::chain(&head, &reader.last_frame);
                     next_seq += 1;
                 }
                 Frame::End => break reader.offset,
                 Frame::Bad { offset, why } => {
                     warn!(segment = %path.display(), offset, why, "cutting off a torn record at the end of the audit log");
+                    torn = Some(Recovery { segment: index, offset, bytes_removed: reader.len - offset, reason: why });
                     break offset;
                 }
             }
         };
-        let _ = index;
         let segment = SegmentWriter::reopen(&path, valid_len)?;
-        Ok(AuditWriter { dir: dir.to_path_buf(), segment, next_seq })
+        let mut w = AuditWriter {
+            dir: dir.to_path_buf(),
+            opts,
+            segment,
+            index,
+            next_seq,
+            head,
+            since_checkpoint: 0,
+            last_checkpoint: now,
+            last_fsync: now,
+            seal,
+        };
+        if let Some(recovery) = torn {
+            w.append(SystemTime::now(), Event::Recovery(recovery))?;
+            w.sync()?;
+        }
+        Ok(w)
     }
 
     /// The directory of the log.
@@ -69,8 +175,21 @@ impl AuditWriter {
         &self.dir
     }
 
-    /// Appends one record stamped with `time`; returns its seq. Buffered until `sync`.
+    /// Appends one record stamped with `time`; returns its seq. Written at once, durable after
+    /// `sync` (as the fsync policy says). Checkpoints and segment rotation happen here.
     pub fn append(&mut self, time: SystemTime, event: Event) -> anyhow::Result<u64> {
+        let seq = self.write(time, event)?;
+        self.since_checkpoint += 1;
+        if self.since_checkpoint >= self.opts.checkpoint_records {
+            self.checkpoint()?;
+        }
+        if self.segment.len >= self.opts.segment_bytes {
+            self.rotate()?;
+        }
+        Ok(seq)
+    }
+
+    fn write(&mut self, time: SystemTime, event: Event) -> anyhow::Result<u64> {
         let time_ns = match time.duration_since(SystemTime::UNIX_EPOCH) {
             Ok(d) => d.as_nanos() as i64,
             Err(e) => -(e.duration().as_nanos() as i64),
@@ -78,17 +197,75 @@ impl AuditWriter {
         let seq = self.next_seq;
         let frame = segment::encode_frame(&Record { seq, time_ns, event })?;
         self.segment.write(&frame).with_context(|| format!("writing {}", self.segment.path.display()))?;
+        self.head = segment::chain(&self.head, &frame);
         self.next_seq += 1;
         Ok(seq)
     }
 
-    /// Writes buffered records to the file and makes them durable (fdatasync).
+    /// Appends a checkpoint: the chain head so far, sealed when a key is set.
+    pub fn checkpoint(&mut self) -> anyhow::Result<()> {
+        let seq = self.next_seq;
+        let head = self.head;
+        let (epoch, seal) = match &self.seal {
+            Some(k) => (k.epoch, Some(k.seal(seq, &head))),
+            None => (0, None),
+        };
+        self.write(SystemTime::now(), Event::Checkpoint(Checkpoint { head, epoch, seal }))?;
+        if let Some(k) = &mut self.seal {
+            // The sealed checkpoint must be on disk before its key is forgotten.
+            self.segment.sync()?;
+            k.evolve();
+            k.save_state(&self.dir)?;
+        }
+        self.since_checkpoint = 0;
+        self.last_checkpoint = Instant::now();
+        Ok(())
+    }
+
+    /// Closes the current segment (with a checkpoint) and starts the next one, which carries
+    /// the chain head in its header.
+    fn rotate(&mut self) -> anyhow::Result<()> {
+        if self.since_checkpoint > 0 {
+            self.checkpoint()?;
+        }
+        self.segment.sync()?;
+        self.index += 1;
+        self.segment = SegmentWriter::create(&self.dir, &new_header(self.index, self.next_seq, self.head))?;
+        Ok(())
+    }
+
+    /// Writes out buffered records and, as the fsync policy says, makes them durable. Also
+    /// writes the periodic checkpoint when it is due.
     pub fn sync(&mut self) -> anyhow::Result<()> {
-        self.segment.sync().with_context(|| format!("syncing {}", self.segment.path.display()))
+        if self.since_checkpoint > 0 && self.last_checkpoint.elapsed() >= self.opts.checkpoint_interval {
+            self.checkpoint()?;
+        }
+        let fsync = match self.opts.fsync {
+            FsyncPolicy::Always => true,
+            FsyncPolicy::Interval(d) => self.last_fsync.elapsed() >= d,
+            FsyncPolicy::Never => false,
+        };
+        let path = self.segment.path.display().to_string();
+        if fsync {
+            self.segment.sync().with_context(|| format!("syncing {path}"))?;
+            self.last_fsync = Instant::now();
+        } else {
+            self.segment.flush().with_context(|| format!("writing {path}"))?;
+        }
+        Ok(())
+    }
+
+    /// Ends a run: a final checkpoint, and everything durable.
+    pub fn close(mut self) -> anyhow::Result<()> {
+        if self.since_checkpoint > 0 {
+            self.checkpoint()?;
+        }
+        self.segment.sync()?;
+        Ok(())
     }
 }
 
-fn new_header(index: u64, first_seq: u64) -> Header {
+fn new_header(index: u64, first_seq: u64, prev_head: [u8; 32]) -> Header {
     let created_ns = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
     Header {
         incompat: 0,
@@ -98,14 +275,14 @@ fn new_header(index: u64, first_seq: u64) -> Header {
         created_ns,
         host_id: segment::read_id("/etc/machine-id"),
         boot_id: segment::read_id("/proc/sys/kernel/random/boot_id"),
-        prev_head: [0; 32],
+        prev_head,
     }
 }
 
 /// Streams every record of a log directory in order, one segment at a time. Any damage —
 /// a bad header, checksum, length, decoding, or a gap in `seq` — is an error naming the
 /// segment and offset; only the end of the last segment may hold a torn record, which ends the
-/// stream (it is what the writer cuts off on its next start).
+/// stream (it is what the writer cuts off on its next start). `verify` also checks the chain.
 pub struct AuditReader {
     segments: std::vec::IntoIter<(u64, PathBuf)>,
     current: Option<(PathBuf, SegmentReader)>,

@@ -122,6 +122,84 @@ pub struct ConnDeny {
     pub suppressed: u64,
 }
 
+/// The chain head at a point of the log, optionally sealed with the (evolving) seal key.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Checkpoint {
+    /// SHA-256 chain head over every frame before this record.
+    pub head: [u8; 32],
+    /// Seal-key epoch: the number of checkpoints sealed before this one.
+    pub epoch: u64,
+    /// HMAC-SHA256 of `seq ‖ head` under the epoch's key, when the log is sealed.
+    pub seal: Option<[u8; 32]>,
+}
+
+/// What the daemon cut off when it found a torn tail on start.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Recovery {
+    pub segment: u64,
+    pub offset: u64,
+    pub bytes_removed: u64,
+    pub reason: String,
+}
+
+/// Records that could not be written or were never produced, and where.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Loss {
+    /// `kernel_ringbuf`, `queue`, `write_failure`.
+    pub source: String,
+    pub count: u64,
+    /// The window the loss happened in (Unix ns).
+    pub since_ns: i64,
+    pub until_ns: i64,
+}
+
+/// Who did something through the control socket.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Actor {
+    pub uid: u32,
+    pub user: String,
+    pub pid: u32,
+    pub exe: String,
+}
+
+/// An accepted configuration change; `before` and `after` are JSON text.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ConfigChange {
+    pub actor: Actor,
+    pub action: String,
+    pub target: String,
+    pub before: String,
+    pub after: String,
+    pub generation_before: u64,
+    pub generation_after: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct HealthChange {
+    pub service: String,
+    pub backend: SocketAddr,
+    pub from: String,
+    pub to: String,
+    pub consecutive_failures: u32,
+    pub last_error: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ControlDenied {
+    pub actor: Actor,
+    pub action: String,
+    pub target: String,
+    pub reason: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Alert {
+    pub rule: String,
+    pub source: Option<String>,
+    pub message: String,
+    pub action: Option<String>,
+}
+
 /// Everything the log records. New kinds are appended, never inserted.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub enum Event {
@@ -130,6 +208,13 @@ pub enum Event {
     ConnOpen(ConnOpen),
     ConnClose(ConnClose),
     ConnDeny(ConnDeny),
+    Checkpoint(Checkpoint),
+    Recovery(Recovery),
+    Loss(Loss),
+    ConfigChange(ConfigChange),
+    HealthChange(HealthChange),
+    ControlDenied(ControlDenied),
+    Alert(Alert),
 }
 
 impl Event {
@@ -141,6 +226,13 @@ impl Event {
             Event::ConnOpen(_) => "conn_open",
             Event::ConnClose(_) => "conn_close",
             Event::ConnDeny(_) => "conn_deny",
+            Event::Checkpoint(_) => "checkpoint",
+            Event::Recovery(_) => "recovery",
+            Event::Loss(_) => "loss",
+            Event::ConfigChange(_) => "config_change",
+            Event::HealthChange(_) => "health_change",
+            Event::ControlDenied(_) => "control_denied",
+            Event::Alert(_) => "alert",
         }
     }
 }
@@ -181,7 +273,7 @@ pub fn record_to_json(r: &Record) -> Value {
     let fields = match &r.event {
         Event::DaemonStart(d) => json!({
             "version": d.version,
-            "config": serde_json::from_str::<Value>(&d.config).unwrap_or(Value::String(d.config.clone())),
+            "config": parsed(&d.config),
         }),
         Event::DaemonStop(d) => json!({ "reason": d.reason }),
         Event::ConnOpen(o) => json!({
@@ -200,9 +292,45 @@ pub fn record_to_json(r: &Record) -> Value {
             "proto": d.proto.name(), "client": d.client.to_string(), "vip": d.vip.to_string(),
             "service": d.service, "reason": d.reason.name(), "rule": d.rule, "suppressed": d.suppressed,
         }),
+        Event::Checkpoint(c) => json!({
+            "head": hex(&c.head), "epoch": c.epoch, "seal": c.seal.as_ref().map(|s| hex(s)),
+        }),
+        Event::Recovery(r) => json!({
+            "segment": r.segment, "offset": r.offset, "bytes_removed": r.bytes_removed, "reason": r.reason,
+        }),
+        Event::Loss(l) => json!({
+            "source": l.source, "count": l.count, "since": rfc3339(l.since_ns), "until": rfc3339(l.until_ns),
+        }),
+        Event::ConfigChange(c) => json!({
+            "actor": actor(&c.actor), "action": c.action, "target": c.target,
+            "before": parsed(&c.before), "after": parsed(&c.after),
+            "generation_before": c.generation_before, "generation_after": c.generation_after,
+        }),
+        Event::HealthChange(h) => json!({
+            "service": h.service, "backend": h.backend.to_string(), "from": h.from, "to": h.to,
+            "consecutive_failures": h.consecutive_failures, "last_error": h.last_error,
+        }),
+        Event::ControlDenied(c) => json!({
+            "actor": actor(&c.actor), "action": c.action, "target": c.target, "reason": c.reason,
+        }),
+        Event::Alert(a) => json!({ "rule": a.rule, "source": a.source, "message": a.message, "action": a.action }),
     };
     if let (Value::Object(all), Value::Object(more)) = (&mut v, fields) {
         all.extend(more);
     }
     v
+}
+
+/// JSON text as a value (a string if it does not parse).
+fn parsed(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_string()))
+}
+
+fn actor(a: &Actor) -> Value {
+    json!({ "uid": a.uid, "user": a.user, "pid": a.pid, "exe": a.exe })
+}
+
+/// Lower-case hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

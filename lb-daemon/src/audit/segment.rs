@@ -13,7 +13,8 @@
 //!  40  created_ns   i64   Unix ns when the segment was created
 //!  48  host_id      16 bytes (/etc/machine-id, or zero)
 //!  64  boot_id      16 bytes (/proc/sys/kernel/random/boot_id, or zero)
-//!  80  prev_head    32 bytes (chain head carried from the previous segment; zero)
+//!  80  prev_head    32 bytes (hash-chain head at the end of the previous segment; zero for
+//!                  the first)
 //! 112  reserved     12 bytes
 //! 124  header_crc   u32   CRC32C of bytes 0..124
 //! frame
@@ -160,7 +161,9 @@ pub struct SegmentReader {
     pub header: Header,
     input: BufReader<File>,
     pub offset: u64,
-    len: u64,
+    pub len: u64,
+    /// The bytes of the frame `next_frame` last returned as a record (for the hash chain).
+    pub last_frame: Vec<u8>,
 }
 
 impl SegmentReader {
@@ -171,7 +174,7 @@ impl SegmentReader {
         file.read_exact(&mut head)
             .map_err(|_| anyhow!("{}: shorter than a segment header", path.display()))?;
         let header = Header::decode(&head).with_context(|| path.display().to_string())?;
-        Ok(SegmentReader { header, input: BufReader::new(file), offset: HEADER_LEN as u64, len })
+        Ok(SegmentReader { header, input: BufReader::new(file), offset: HEADER_LEN as u64, len, last_frame: Vec::new() })
     }
 
     pub fn next_frame(&mut self) -> io::Result<Frame> {
@@ -203,7 +206,12 @@ impl SegmentReader {
             return bad("unknown frame type");
         }
         match bincode::serde::decode_from_slice::<Record, _>(&body[1..], bincode_config()) {
-            Ok((rec, used)) if used == body.len() - 1 => Ok(Frame::Record(Box::new(rec))),
+            Ok((rec, used)) if used == body.len() - 1 => {
+                self.last_frame.clear();
+                self.last_frame.extend_from_slice(&fh);
+                self.last_frame.extend_from_slice(&body);
+                Ok(Frame::Record(Box::new(rec)))
+            }
             Ok(_) => bad("trailing bytes after the record"),
             Err(e) => Ok(Frame::Bad { offset: start, why: format!("undecodable record: {e}") }),
         }
@@ -247,6 +255,11 @@ impl SegmentWriter {
         Ok(())
     }
 
+    /// Hands buffered frames to the kernel (no fsync).
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+
     /// Writes buffered frames and makes them durable.
     pub fn sync(&mut self) -> io::Result<()> {
         self.out.flush()?;
@@ -265,4 +278,13 @@ pub fn read_id(path: &str) -> [u8; 16] {
         }
     }
     id
+}
+
+/// The hash chain: each frame's bytes (length, CRC, type, payload) extend the head.
+pub fn chain(head: &[u8; 32], frame: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(head);
+    h.update(frame);
+    h.finalize().into()
 }

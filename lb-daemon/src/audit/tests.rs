@@ -122,11 +122,18 @@ fn a_torn_tail_is_cut_off_on_reopen() {
     OpenOptions::new().write(true).open(&seg).unwrap().set_len(len - 5).unwrap();
     assert_eq!(read_all(&d.0).unwrap().len(), 4, "a reader stops before the torn record");
     let mut w = AuditWriter::open(&d.0).unwrap();
-    assert_eq!(w.append(t0(), every_kind()[4].clone()).unwrap(), 5, "seq goes on from the last whole record");
+    assert_eq!(w.append(t0(), every_kind()[4].clone()).unwrap(), 6, "seq goes on after the recovery record");
     w.sync().unwrap();
     let recs = read_all(&d.0).unwrap();
-    assert_eq!(recs.len(), 5);
-    assert_eq!(recs[4].event, every_kind()[4]);
+    assert_eq!(recs.len(), 6);
+    match &recs[4].event {
+        Event::Recovery(r) => {
+            assert_eq!((r.segment, r.bytes_removed), (1, len - 5 - r.offset), "the torn bytes");
+            assert!(r.reason.contains("truncated"), "{}", r.reason);
+        }
+        other => panic!("expected a recovery record, found {other:?}"),
+    }
+    assert_eq!(recs[5].event, every_kind()[4]);
 }
 
 #[test]
@@ -232,4 +239,150 @@ fn golden_frames_match_the_specification() {
             .collect::<Vec<_>>()
             .join(" ")
     );
+}
+
+fn key_file(d: &Dir) -> PathBuf {
+    let p = d.0.with_extension("key");
+    std::fs::write(&p, "0123456789abcdef-test-seal-key\n").unwrap();
+    p
+}
+
+/// A sealed log of `n` records over several small segments.
+fn sealed_log(d: &Dir, n: u64) -> PathBuf {
+    let key = key_file(d);
+    let opts = Options {
+        segment_bytes: 2048,
+        checkpoint_records: 7,
+        seal_key: Some(SealKey::from_file(&key).unwrap()),
+        ..Options::default()
+    };
+    let mut w = AuditWriter::open_with(&d.0, opts).unwrap();
+    for i in 0..n {
+        w.append(t0(), every_kind()[(i % 5) as usize].clone()).unwrap();
+    }
+    w.close().unwrap();
+    key
+}
+
+fn verify_with(d: &Dir, key: &Path) -> Result<verify::Report, verify::Damage> {
+    verify::verify(&d.0, Some(SealKey::from_file(key).unwrap()))
+}
+
+/// Frames of a segment: (offset, bytes).
+fn frames(path: &Path) -> Vec<(usize, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let mut out = Vec::new();
+    let mut at = segment::HEADER_LEN;
+    while at + 8 <= bytes.len() {
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        out.push((at, bytes[at..at + 8 + len].to_vec()));
+        at += 8 + len;
+    }
+    out
+}
+
+fn rewrite_segment(path: &Path, edit: impl FnOnce(&mut Vec<Vec<u8>>)) {
+    let bytes = std::fs::read(path).unwrap();
+    let mut fs: Vec<Vec<u8>> = frames(path).into_iter().map(|(_, f)| f).collect();
+    edit(&mut fs);
+    let mut out = bytes[..segment::HEADER_LEN].to_vec();
+    for f in fs {
+        out.extend_from_slice(&f);
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+#[test]
+fn an_intact_sealed_log_verifies_across_segments() {
+    let d = Dir::new("intact");
+    let key = sealed_log(&d, 60);
+    let r = verify_with(&d, &key).expect("intact");
+    assert!(r.segments >= 3, "{} segments", r.segments);
+    assert!(r.checkpoints >= 8);
+    assert_eq!(r.proven_through, r.last_seq.map(|s| s - 1), "close() ends with a checkpoint");
+    // Without the key the chain still verifies.
+    assert!(verify::verify(&d.0, None).is_ok());
+    // A wrong key does not.
+    let wrong = d.0.with_extension("wrong");
+    std::fs::write(&wrong, "another key of enough length").unwrap();
+    let e = verify_with(&d, &wrong).unwrap_err();
+    assert!(e.what.contains("seal"), "{e}");
+    // Reopening continues seq, chain and seal epochs.
+    let opts = Options { seal_key: Some(SealKey::from_file(&key).unwrap()), ..Options::default() };
+    let mut w = AuditWriter::open_with(&d.0, opts).unwrap();
+    w.append(t0(), every_kind()[4].clone()).unwrap();
+    w.close().unwrap();
+    assert!(verify_with(&d, &key).is_ok());
+}
+
+#[test]
+fn tampering_is_detected_and_located() {
+    let seg1 = |d: &Dir| segment::segment_path(&d.0, 1);
+    let cases: Vec<(&str, Box<dyn Fn(&Dir)>, &str)> = vec![
+        ("flipped byte", Box::new(|d| {
+            let mut b = std::fs::read(seg1(d)).unwrap();
+            b[segment::HEADER_LEN + 30] ^= 0x01;
+            std::fs::write(seg1(d), b).unwrap();
+        }), "checksum"),
+        ("deleted record", Box::new(|d| rewrite_segment(&seg1(d), |f| { f.remove(2); })), "seq"),
+        ("inserted record", Box::new(|d| rewrite_segment(&seg1(d), |f| { let x = f[1].clone(); f.insert(3, x); })), "seq"),
+        ("reordered records", Box::new(|d| rewrite_segment(&seg1(d), |f| f.swap(1, 2))), "seq"),
+        ("removed segment", Box::new(|d| std::fs::remove_file(segment::segment_path(&d.0, 2)).unwrap()), "missing"),
+        ("reordered segments", Box::new(|d| {
+            let (a, b) = (segment::segment_path(&d.0, 2), segment::segment_path(&d.0, 3));
+            let tmp = d.0.join("tmp");
+            std::fs::rename(&a, &tmp).unwrap();
+            std::fs::rename(&b, &a).unwrap();
+            std::fs::rename(&tmp, &b).unwrap();
+        }), "segment"),
+        ("truncated in the middle", Box::new(|d| {
+            let len = std::fs::metadata(seg1(d)).unwrap().len();
+            OpenOptions::new().write(true).open(seg1(d)).unwrap().set_len(len - 10).unwrap();
+        }), "truncated"),
+    ];
+    for (what, damage, expect) in cases {
+        let d = Dir::new(&what.replace(' ', "-"));
+        let key = sealed_log(&d, 60);
+        damage(&d);
+        let e = verify_with(&d, &key).expect_err(what);
+        assert!(e.to_string().contains(expect), "{what}: {e}");
+        assert!(e.segment.starts_with(&d.0), "{what}: names the segment");
+    }
+}
+
+#[test]
+fn a_recomputed_chain_does_not_verify_without_the_key() {
+    let d = Dir::new("forged");
+    let key = sealed_log(&d, 30);
+    // Someone without the key rewrites history: changes a record, and rebuilds every frame,
+    // chain head and checkpoint so that everything but the seals is consistent.
+    let mut recs: Vec<Record> = AuditReader::open(&d.0).unwrap().map(|r| r.unwrap()).collect();
+    if let Event::ConnOpen(o) = &mut recs[1].event {
+        o.client = sa("10.66.66.66:40000");
+    }
+    let forged = Dir::new("forged-copy");
+    let mut w = AuditWriter::open_with(&forged.0, Options { segment_bytes: u64::MAX, checkpoint_records: u64::MAX, ..Options::default() }).unwrap();
+    let mut head = [0u8; 32];
+    for r in &recs {
+        let event = match &r.event {
+            // Keep the original seals: they do not match the new heads.
+            Event::Checkpoint(c) => Event::Checkpoint(Checkpoint { head, epoch: c.epoch, seal: c.seal }),
+            e => e.clone(),
+        };
+        let rec = Record { seq: r.seq, time_ns: r.time_ns, event: event.clone() };
+        head = segment::chain(&head, &segment::encode_frame(&rec).unwrap());
+        w.append(SystemTime::UNIX_EPOCH + Duration::from_nanos(r.time_ns as u64), event).unwrap();
+    }
+    w.sync().unwrap();
+    assert!(verify::verify(&forged.0, None).is_ok(), "the forged chain is self-consistent");
+    let e = verify_with(&forged, &key).unwrap_err();
+    assert!(e.what.contains("seal"), "{e}");
+}
+
+#[test]
+fn fsync_policies_parse() {
+    assert_eq!("always".parse::<FsyncPolicy>(), Ok(FsyncPolicy::Always));
+    assert_eq!("never".parse::<FsyncPolicy>(), Ok(FsyncPolicy::Never));
+    assert_eq!("interval=250ms".parse::<FsyncPolicy>(), Ok(FsyncPolicy::Interval(Duration::from_millis(250))));
+    assert!("sometimes".parse::<FsyncPolicy>().is_err());
 }

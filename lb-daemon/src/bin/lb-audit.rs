@@ -1,7 +1,7 @@
 //! `lb-audit`: reads lb's audit log.
 //!
-//! Exit codes: 0 success; 1 the log is damaged or unreadable (the error names the segment and
-//! offset); 2 bad usage.
+//! Exit codes: 0 success (for `verify`: the log is intact); 1 the log is damaged, tampered
+//! with or unreadable (the message names the segment, offset and seq); 2 bad usage.
 use std::{
     io::{BufWriter, Write},
     path::PathBuf,
@@ -9,7 +9,7 @@ use std::{
 };
 
 use clap::{Parser, Subcommand, ValueEnum};
-use lb_daemon::audit::{AuditReader, Event, Record, record_to_json, rfc3339};
+use lb_daemon::audit::{AuditReader, Event, Record, SealKey, record::hex, record_to_json, rfc3339, verify};
 
 #[derive(Parser)]
 #[command(name = "lb-audit", version, about = "Read lb's audit log")]
@@ -28,6 +28,14 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
+    /// Prove the log in DIR intact: checksums, sequence, segments, hash chain, and with --key
+    /// every checkpoint's seal. Prints a summary; exit 1 with the first bad position otherwise.
+    Verify {
+        dir: PathBuf,
+        /// The initial seal key (the file given to lb-daemon --audit-seal-key).
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -41,7 +49,7 @@ enum Format {
 const CSV_COLUMNS: &[&str] = &[
     "seq", "time", "kind", "flow_id", "proto", "client", "vip", "service", "backend", "snat", "reason",
     "generation", "duration_ns", "bytes_to_backend", "bytes_to_client", "packets_to_backend",
-    "packets_to_client", "close_reason", "rule", "suppressed", "version",
+    "packets_to_client", "close_reason", "rule", "suppressed", "version", "source", "count",
 ];
 
 fn main() -> ExitCode {
@@ -54,6 +62,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Verify { dir, key } => verify_cmd(&dir, key.as_deref()),
         Command::Read { dir, format } => match read(&dir, format) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -65,6 +74,49 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+    }
+}
+
+fn verify_cmd(dir: &std::path::Path, key: Option<&std::path::Path>) -> ExitCode {
+    let key = match key.map(SealKey::from_file).transpose() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("lb-audit: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    match verify::verify(dir, key) {
+        Ok(r) => {
+            println!("intact: {} segment(s), {} record(s), seq {}..{}", r.segments, r.records,
+                r.first_seq.map_or("-".into(), |s| s.to_string()), r.last_seq.map_or("-".into(), |s| s.to_string()));
+            let what = if r.sealed { "sealed checkpoints" } else { "checkpoints (unsealed: no --key)" };
+            match r.proven_through {
+                Some(p) => println!("{} {what}; the hash chain is proven through seq {p}", r.checkpoints),
+                None => println!("no checkpoint yet: nothing is proven by the hash chain"),
+            }
+            if let (Some(p), Some(last)) = (r.proven_through, r.last_seq) {
+                if last > p + 1 {
+                    println!("{} record(s) after the last checkpoint (written since, not yet covered)", last - p - 1);
+                }
+            }
+            if r.losses.is_empty() {
+                println!("no loss recorded");
+            }
+            for (source, count, window) in &r.losses {
+                println!("loss: {count} record(s) from {source} in {window}");
+            }
+            if r.recoveries > 0 {
+                println!("{} recovery record(s): torn tails cut off after crashes", r.recoveries);
+            }
+            if r.torn_tail_bytes > 0 {
+                println!("a torn record of {} byte(s) ends the log (cut off when the daemon restarts)", r.torn_tail_bytes);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(d) => {
+            println!("DAMAGED: {d}");
+            ExitCode::from(1)
+        }
     }
 }
 
@@ -109,6 +161,18 @@ fn text_line(rec: &Record) -> String {
     let head = format!("{} {:>8} {:<12}", rfc3339(rec.time_ns), rec.seq, rec.event.kind());
     let rest = match &rec.event {
         Event::DaemonStart(d) => format!("version {}", d.version),
+        Event::Checkpoint(c) => format!(
+            "head {} epoch {}{}",
+            hex(&c.head),
+            c.epoch,
+            if c.seal.is_some() { " sealed" } else { "" }
+        ),
+        Event::Recovery(r) => format!("segment {} offset {}: {} byte(s) cut off ({})", r.segment, r.offset, r.bytes_removed, r.reason),
+        Event::Loss(l) => format!("{} record(s) lost from {} between {} and {}", l.count, l.source, rfc3339(l.since_ns), rfc3339(l.until_ns)),
+        Event::ConfigChange(c) => format!("{} {} by {} (uid {}): {} → {}", c.action, c.target, c.actor.user, c.actor.uid, c.before, c.after),
+        Event::HealthChange(h) => format!("{} {} {} → {}", h.service, h.backend, h.from, h.to),
+        Event::ControlDenied(c) => format!("{} {} by {} (uid {}): {}", c.action, c.target, c.actor.user, c.actor.uid, c.reason),
+        Event::Alert(a) => format!("{}: {}", a.rule, a.message),
         Event::DaemonStop(d) => format!("reason {}", d.reason),
         Event::ConnOpen(o) => format!(
             "{} {:<22} → {:<22} {} via {} (snat {}, {} gen {}) flow {}",
