@@ -6,6 +6,7 @@
 //!
 //! The byte layout is specified in docs/audit-format.md and in `segment`.
 
+pub mod filter;
 pub mod record;
 pub mod seal;
 pub mod segment;

@@ -177,6 +177,16 @@ impl SegmentReader {
         Ok(SegmentReader { header, input: BufReader::new(file), offset: HEADER_LEN as u64, len, last_frame: Vec::new() })
     }
 
+    /// Opens a segment and positions it at `offset` (a frame boundary found earlier).
+    pub fn open_at(path: &Path, offset: u64) -> anyhow::Result<SegmentReader> {
+        let mut r = SegmentReader::open(path)?;
+        if offset > HEADER_LEN as u64 {
+            r.input.seek(SeekFrom::Start(offset))?;
+            r.offset = offset;
+        }
+        Ok(r)
+    }
+
     pub fn next_frame(&mut self) -> io::Result<Frame> {
         let start = self.offset;
         if start == self.len {

@@ -9,7 +9,15 @@ use std::{
 };
 
 use clap::{Parser, Subcommand, ValueEnum};
-use lb_daemon::audit::{AuditReader, Event, Record, SealKey, record::hex, record_to_json, rfc3339, verify};
+use anyhow::Context as _;
+use lb_daemon::audit::{
+    AuditReader, Event, Proto, Record, SealKey,
+    filter::{self, Endpoint, Filter},
+    record::hex,
+    record_to_json, rfc3339,
+    segment::{self, Frame, SegmentReader},
+    verify,
+};
 
 #[derive(Parser)]
 #[command(name = "lb-audit", version, about = "Read lb's audit log")]
@@ -20,13 +28,34 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print every record of the log in DIR, in order.
+    /// Print the records of the log in DIR that match the filters, in order.
     Read {
         /// The log directory (the daemon's --audit-dir).
         dir: PathBuf,
         /// Output format: aligned text for people, JSON lines, or CSV with a header.
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
+        #[command(flatten)]
+        filter: FilterArgs,
+    },
+    /// Like `read`, then keep printing new records as they are written (across segment
+    /// rotation), like `tail -f`, until interrupted.
+    Follow {
+        dir: PathBuf,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+        #[command(flatten)]
+        filter: FilterArgs,
+    },
+    /// Summaries: top clients, flows and bytes per backend, refusals by reason and rule, new
+    /// flows per minute.
+    Stats {
+        dir: PathBuf,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// How many clients to list.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
     },
     /// Prove the log in DIR intact: checksums, sequence, segments, hash chain, and with --key
     /// every checkpoint's seal. Prints a summary; exit 1 with the first bad position otherwise.
@@ -36,6 +65,64 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         key: Option<PathBuf>,
     },
+}
+
+/// Record filters; all given ones must hold.
+#[derive(clap::Args)]
+struct FilterArgs {
+    /// Records at or after this time: RFC 3339, or a time ago like 15m, 2h, 7d.
+    #[arg(long)]
+    since: Option<String>,
+    /// Records at or before this time.
+    #[arg(long)]
+    until: Option<String>,
+    /// Only these kinds (repeatable): conn_open, conn_close, conn_deny, checkpoint, ...
+    #[arg(long)]
+    kind: Vec<String>,
+    /// Clients in this CIDR (or address).
+    #[arg(long)]
+    client: Option<String>,
+    /// This VIP (address, or address:port).
+    #[arg(long)]
+    vip: Option<String>,
+    #[arg(long)]
+    service: Option<String>,
+    /// This backend (address, or address:port).
+    #[arg(long)]
+    backend: Option<String>,
+    /// tcp or udp.
+    #[arg(long)]
+    proto: Option<String>,
+    /// One flow id.
+    #[arg(long)]
+    flow: Option<u64>,
+}
+
+impl FilterArgs {
+    fn build(&self) -> anyhow::Result<Filter> {
+        let now = std::time::SystemTime::now();
+        Ok(Filter {
+            since_ns: self.since.as_deref().map(|s| filter::parse_instant(s, now)).transpose().context("--since")?,
+            until_ns: self.until.as_deref().map(|s| filter::parse_instant(s, now)).transpose().context("--until")?,
+            kinds: self.kind.clone(),
+            client: self
+                .client
+                .as_deref()
+                .map(|c| c.parse().map_err(|e: String| anyhow::anyhow!(e)))
+                .transpose()
+                .context("--client")?,
+            vip: self.vip.as_deref().map(Endpoint::parse).transpose().context("--vip")?,
+            service: self.service.clone(),
+            backend: self.backend.as_deref().map(Endpoint::parse).transpose().context("--backend")?,
+            proto: match self.proto.as_deref() {
+                None => None,
+                Some("tcp") => Some(Proto::Tcp),
+                Some("udp") => Some(Proto::Udp),
+                Some(p) => anyhow::bail!("--proto: '{p}' is not tcp or udp"),
+            },
+            flow: self.flow,
+        })
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -61,20 +148,39 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    match cli.command {
-        Command::Verify { dir, key } => verify_cmd(&dir, key.as_deref()),
-        Command::Read { dir, format } => match read(&dir, format) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                // A closed pipe (`| head`) is not an error of the log.
-                if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) {
-                    return ExitCode::SUCCESS;
-                }
-                eprintln!("lb-audit: {e:#}");
-                ExitCode::from(1)
+    let result = match cli.command {
+        Command::Verify { dir, key } => return verify_cmd(&dir, key.as_deref()),
+        Command::Read { dir, format, filter } => filter.build().map_err(usage).and_then(|f| read(&dir, format, &f)),
+        Command::Follow { dir, format, filter } => filter.build().map_err(usage).and_then(|f| follow(&dir, format, &f)),
+        Command::Stats { dir, filter, top } => filter.build().map_err(usage).and_then(|f| stats(&dir, &f, top)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // A closed pipe (`| head`) is not an error of the log.
+            if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) {
+                return ExitCode::SUCCESS;
             }
-        },
+            eprintln!("lb-audit: {e:#}");
+            ExitCode::from(if e.is::<Usage>() { 2 } else { 1 })
+        }
     }
+}
+
+/// A usage error (bad filter), exit code 2.
+#[derive(Debug)]
+struct Usage(String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+fn usage(e: anyhow::Error) -> anyhow::Error {
+    anyhow::Error::new(Usage(format!("{e:#}")))
 }
 
 fn verify_cmd(dir: &std::path::Path, key: Option<&std::path::Path>) -> ExitCode {
@@ -120,7 +226,15 @@ fn verify_cmd(dir: &std::path::Path, key: Option<&std::path::Path>) -> ExitCode 
     }
 }
 
-fn read(dir: &std::path::Path, format: Format) -> anyhow::Result<()> {
+fn print(out: &mut impl Write, format: Format, rec: &Record) -> std::io::Result<()> {
+    match format {
+        Format::Json => writeln!(out, "{}", record_to_json(rec)),
+        Format::Csv => writeln!(out, "{}", csv_line(rec)),
+        Format::Text => writeln!(out, "{}", text_line(rec)),
+    }
+}
+
+fn read(dir: &std::path::Path, format: Format, filter: &Filter) -> anyhow::Result<()> {
     let reader = AuditReader::open(dir)?;
     let stdout = std::io::stdout();
     let mut out = BufWriter::new(stdout.lock());
@@ -129,11 +243,104 @@ fn read(dir: &std::path::Path, format: Format) -> anyhow::Result<()> {
     }
     for rec in reader {
         let rec = rec?;
-        match format {
-            Format::Json => writeln!(out, "{}", record_to_json(&rec))?,
-            Format::Csv => writeln!(out, "{}", csv_line(&rec))?,
-            Format::Text => writeln!(out, "{}", text_line(&rec))?,
+        if filter.matches(&rec) {
+            print(&mut out, format, &rec)?;
         }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Prints what is there, then polls for more: a frame not yet whole is waited for, a new
+/// segment is followed into.
+fn follow(dir: &std::path::Path, format: Format, filter: &Filter) -> anyhow::Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    if let Format::Csv = format {
+        writeln!(out, "{}", CSV_COLUMNS.join(","))?;
+    }
+    let segments = segment::list(dir)?;
+    let Some(&(first, _)) = segments.first() else {
+        anyhow::bail!("{}: no audit segments", dir.display());
+    };
+    let (mut index, mut offset) = (first, 0u64);
+    loop {
+        let path = segment::segment_path(dir, index);
+        let mut r = SegmentReader::open_at(&path, offset)?;
+        loop {
+            match r.next_frame()? {
+                Frame::Record(rec) => {
+                    if filter.matches(&rec) {
+                        print(&mut out, format, &rec)?;
+                    }
+                    offset = r.offset;
+                }
+                Frame::End => break,
+                Frame::Bad { why, .. } if why.starts_with("truncated") => break,
+                Frame::Bad { offset, why } => anyhow::bail!("{} at offset {offset}: {why}", path.display()),
+            }
+        }
+        out.flush()?;
+        if segment::segment_path(dir, index + 1).exists() && r.offset == r.len {
+            index += 1;
+            offset = 0;
+            continue;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+fn stats(dir: &std::path::Path, filter: &Filter, top: usize) -> anyhow::Result<()> {
+    use std::collections::{BTreeMap, HashMap};
+    let mut clients: HashMap<std::net::IpAddr, (u64, u64)> = HashMap::new(); // opens, denies
+    let mut backends: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new(); // flows, bytes to backend, to client
+    let mut denies: BTreeMap<(String, String), u64> = BTreeMap::new();
+    let mut per_minute: BTreeMap<i64, u64> = BTreeMap::new();
+    let mut records = 0u64;
+    for rec in AuditReader::open(dir)? {
+        let rec = rec?;
+        if !filter.matches(&rec) {
+            continue;
+        }
+        records += 1;
+        match &rec.event {
+            Event::ConnOpen(o) => {
+                clients.entry(o.client.ip()).or_default().0 += 1;
+                backends.entry(format!("{} {}", o.service, o.backend)).or_default().0 += 1;
+                *per_minute.entry(rec.time_ns.div_euclid(60_000_000_000)).or_default() += 1;
+            }
+            Event::ConnClose(c) => {
+                let b = backends.entry(format!("{} {}", c.service, c.backend)).or_default();
+                b.1 += c.bytes_to_backend;
+                b.2 += c.bytes_to_client;
+            }
+            Event::ConnDeny(d) => {
+                clients.entry(d.client.ip()).or_default().1 += 1 + d.suppressed;
+                *denies.entry((d.reason.name().to_string(), d.rule.clone().unwrap_or_default())).or_default() += 1 + d.suppressed;
+            }
+            _ => {}
+        }
+    }
+    let stdout = std::io::stdout();
+    let mut out = BufWriter::new(stdout.lock());
+    writeln!(out, "{records} record(s)")?;
+    let mut top_clients: Vec<_> = clients.into_iter().collect();
+    top_clients.sort_by(|a, b| (b.1.0 + b.1.1).cmp(&(a.1.0 + a.1.1)).then(a.0.cmp(&b.0)));
+    writeln!(out, "\ntop clients                              flows   refused")?;
+    for (ip, (opens, refused)) in top_clients.iter().take(top) {
+        writeln!(out, "  {:<38} {:>6} {:>9}", ip.to_string(), opens, refused)?;
+    }
+    writeln!(out, "\nbackends                                 flows  bytes to backend  bytes to client")?;
+    for (b, (flows, tb, tc)) in &backends {
+        writeln!(out, "  {b:<38} {flows:>6} {tb:>17} {tc:>16}")?;
+    }
+    writeln!(out, "\nrefused by reason and rule")?;
+    for ((reason, rule), n) in &denies {
+        writeln!(out, "  {:<38} {n:>6}", if rule.is_empty() { reason.clone() } else { format!("{reason} ({rule})") })?;
+    }
+    writeln!(out, "\nnew flows per minute")?;
+    for (minute, n) in &per_minute {
+        writeln!(out, "  {} {n:>8}", &rfc3339(minute * 60_000_000_000)[..16])?;
     }
     out.flush()?;
     Ok(())
