@@ -309,7 +309,8 @@ impl AuditReader {
         loop {
             if self.current.is_none() {
                 let Some((index, path)) = self.segments.next() else { return Ok(None) };
-                let reader = SegmentReader::open(&path)?;
+                let mut reader = SegmentReader::open(&path)?;
+                reader.keep_frames = false;
                 if reader.header.index != index {
                     bail!("{}: header says segment {}", path.display(), reader.header.index);
                 }
@@ -329,7 +330,7 @@ impl AuditReader {
                         bail!("{}: record seq {} where {} was expected", path.display(), r.seq, expected);
                     }
                     self.next_seq = Some(r.seq + 1);
-                    return Ok(Some(*r));
+                    return Ok(Some(r));
                 }
                 Frame::End => self.current = None,
                 Frame::Bad { offset, why } => {

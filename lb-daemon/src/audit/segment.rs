@@ -149,7 +149,7 @@ pub fn segment_path(dir: &Path, index: u64) -> PathBuf {
 
 /// What reading a frame found.
 pub enum Frame {
-    Record(Box<Record>),
+    Record(Record),
     /// Clean end of the segment.
     End,
     /// Bytes that do not form a whole, valid frame: a torn write at the tail, or corruption.
@@ -162,8 +162,12 @@ pub struct SegmentReader {
     input: BufReader<File>,
     pub offset: u64,
     pub len: u64,
-    /// The bytes of the frame `next_frame` last returned as a record (for the hash chain).
+    /// The bytes of the frame `next_frame` last returned as a record (for the hash chain),
+    /// kept only when `keep_frames` is set.
     pub last_frame: Vec<u8>,
+    pub keep_frames: bool,
+    /// Reused for every frame body.
+    body: Vec<u8>,
 }
 
 impl SegmentReader {
@@ -174,7 +178,15 @@ impl SegmentReader {
         file.read_exact(&mut head)
             .map_err(|_| anyhow!("{}: shorter than a segment header", path.display()))?;
         let header = Header::decode(&head).with_context(|| path.display().to_string())?;
-        Ok(SegmentReader { header, input: BufReader::new(file), offset: HEADER_LEN as u64, len, last_frame: Vec::new() })
+        Ok(SegmentReader {
+            header,
+            input: BufReader::with_capacity(1 << 16, file),
+            offset: HEADER_LEN as u64,
+            len,
+            last_frame: Vec::new(),
+            keep_frames: true,
+            body: Vec::new(),
+        })
     }
 
     /// Opens a segment and positions it at `offset` (a frame boundary found earlier).
@@ -206,8 +218,9 @@ impl SegmentReader {
         if self.len - start - 8 < len as u64 {
             return bad("truncated frame");
         }
-        let mut body = vec![0u8; len as usize];
-        self.input.read_exact(&mut body)?;
+        let body = &mut self.body;
+        body.resize(len as usize, 0);
+        self.input.read_exact(body)?;
         self.offset = start + 8 + len as u64;
         if crc32c::crc32c(&body) != crc {
             return bad("frame checksum mismatch");
@@ -217,10 +230,12 @@ impl SegmentReader {
         }
         match bincode::serde::decode_from_slice::<Record, _>(&body[1..], bincode_config()) {
             Ok((rec, used)) if used == body.len() - 1 => {
-                self.last_frame.clear();
-                self.last_frame.extend_from_slice(&fh);
-                self.last_frame.extend_from_slice(&body);
-                Ok(Frame::Record(Box::new(rec)))
+                if self.keep_frames {
+                    self.last_frame.clear();
+                    self.last_frame.extend_from_slice(&fh);
+                    self.last_frame.extend_from_slice(body);
+                }
+                Ok(Frame::Record(rec))
             }
             Ok(_) => bad("trailing bytes after the record"),
             Err(e) => Ok(Frame::Bad { offset: start, why: format!("undecodable record: {e}") }),
