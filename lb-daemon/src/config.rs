@@ -67,6 +67,12 @@ pub struct Args {
     #[arg(long = "audit-fsync", value_name = "POLICY", default_value = "always", value_parser = clap::value_parser!(crate::audit::FsyncPolicy))]
     pub audit_fsync: crate::audit::FsyncPolicy,
 
+    /// When the audit log cannot be written (disk full, I/O error): `fail-open` keeps
+    /// forwarding, `fail-closed` refuses new flows until it can. Either way a `loss` record
+    /// states what was not written once writing works again.
+    #[arg(long = "audit-on-failure", value_name = "POLICY", default_value = "fail-open", value_parser = clap::value_parser!(crate::journal::FailurePolicy))]
+    pub audit_on_failure: crate::journal::FailurePolicy,
+
     /// Seal checkpoints with a forward-secure key derived from this file (keep a copy offline:
     /// `lb-audit verify --key` needs the original).
     #[arg(long = "audit-seal-key", value_name = "FILE")]
@@ -221,6 +227,7 @@ pub struct Settings {
 pub struct AuditSettings {
     #[serde(serialize_with = "fsync_name")]
     pub fsync: crate::audit::FsyncPolicy,
+    pub on_failure: crate::journal::FailurePolicy,
     /// The key file's path (its content is never recorded).
     pub seal_key: Option<PathBuf>,
     pub segment_mib: u64,
@@ -234,6 +241,7 @@ impl Default for AuditSettings {
     fn default() -> Self {
         AuditSettings {
             fsync: crate::audit::FsyncPolicy::Always,
+            on_failure: crate::journal::FailurePolicy::FailOpen,
             seal_key: None,
             segment_mib: 64,
             checkpoint_records: 1000,
@@ -360,6 +368,7 @@ impl Args {
             audit_dir: self.audit_dir,
             audit: AuditSettings {
                 fsync: self.audit_fsync,
+                on_failure: self.audit_on_failure,
                 seal_key: self.audit_seal_key,
                 segment_mib: self.audit_segment_mib,
                 checkpoint_records: self.audit_checkpoint_records,

@@ -15,12 +15,13 @@ use tracing::{info, warn};
 
 use crate::{
     audit::{
-        self, AuditWriter, CloseReason, ConnClose, ConnDeny, ConnOpen, DaemonStart, DaemonStop, DenyReason, Event,
+        self, CloseReason, ConnClose, ConnDeny, ConnOpen, DaemonStart, DaemonStop, DenyReason, Event,
         Loss, Proto, SealKey,
     },
     balancer::{self, PlacedService},
     config::Settings,
     dataplane::{self, Dataplane, FlowPair, socket_addr},
+    journal::Journal,
     neighbors,
 };
 
@@ -46,7 +47,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
         checkpoint_interval: settings.audit.checkpoint_interval,
         seal_key,
     };
-    let mut audit = AuditWriter::open_with(&settings.audit_dir, opts)
+    let mut audit = Journal::open(settings.audit_dir.clone(), opts, settings.audit.on_failure)
         .with_context(|| format!("--audit-dir {}: cannot open the audit log", settings.audit_dir.display()))?;
     let services = balancer::place(&settings)?;
     let names = Names::new(&services);
@@ -68,11 +69,12 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
         .map_err(|e| anyhow!("watching the ring buffer: {e}"))?;
 
     let config = serde_json::to_string(&settings)?;
-    audit.append(
+    audit.record(
         SystemTime::now(),
         Event::DaemonStart(DaemonStart { version: env!("CARGO_PKG_VERSION").to_string(), config }),
-    )?;
-    audit.sync()?;
+    );
+    audit.sync();
+    audit.apply(&mut dp)?;
     info!(ifaces = ?settings.ifaces, services = services.len(), "ready");
 
     let mut loss_seen = KernelLoss { count: 0, since: SystemTime::now() };
@@ -84,14 +86,17 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                drain(guard.get_inner_mut(), &mut audit, &names)?;
+                drain(guard.get_inner_mut(), &mut audit, &names);
                 guard.clear_ready();
-                audit.sync()?;
+                audit.sync();
+                audit.apply(&mut dp)?;
             }
             _ = sweep.tick() => {
+                audit.retry();
                 sweep_flows(&mut dp, &mut audit, &names, &settings)?;
                 record_kernel_loss(&mut dp, &mut audit, &mut loss_seen)?;
-                audit.sync()?;
+                audit.sync();
+                audit.apply(&mut dp)?;
             }
             _ = neigh.tick() => refresh_neighbors(backend_ips.clone()).await,
             () = &mut shutdown => break,
@@ -101,19 +106,19 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
     info!("stopping");
     dp.detach_all()?;
     // Records the program pushed before it was detached come first.
-    drain(ring.get_mut(), &mut audit, &names)?;
+    drain(ring.get_mut(), &mut audit, &names);
     let clock = Clock::now();
     let mut closed = 0;
     for pair in dp.flows()? {
         if pair.fwd.state & flow_state::CLOSED == 0 {
-            record_close(&mut audit, &names, &pair, close_reason::SHUTDOWN, &clock)?;
+            record_close(&mut audit, &names, &pair, close_reason::SHUTDOWN, &clock);
             closed += 1;
         }
         dp.remove_flow(&pair)?;
     }
     let now = SystemTime::now();
     record_kernel_loss(&mut dp, &mut audit, &mut loss_seen)?;
-    audit.append(now, Event::DaemonStop(DaemonStop { reason: "signal".to_string() }))?;
+    audit.record(now, Event::DaemonStop(DaemonStop { reason: "signal".to_string() }));
     audit.close()?;
     info!(closed_at_shutdown = closed, "stopped");
     Ok(())
@@ -146,16 +151,16 @@ struct KernelLoss {
 }
 
 /// Turns new kernel ring-buffer losses into a `loss` record, so the log states its own gaps.
-fn record_kernel_loss(dp: &mut Dataplane, audit: &mut AuditWriter, seen: &mut KernelLoss) -> anyhow::Result<()> {
+fn record_kernel_loss(dp: &mut Dataplane, audit: &mut Journal, seen: &mut KernelLoss) -> anyhow::Result<()> {
     let now = SystemTime::now();
     let count = dp.stats()?[lb_common::stat::RINGBUF_LOSS as usize];
     if count > seen.count {
         let ns = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
         warn!(lost = count - seen.count, "the kernel could not queue audit records: ring buffer full");
-        audit.append(
+        audit.record(
             now,
             Event::Loss(Loss { source: "kernel_ringbuf".into(), count: count - seen.count, since_ns: ns(seen.since), until_ns: ns(now) }),
-        )?;
+        );
         seen.count = count;
     }
     seen.since = now;
@@ -203,11 +208,7 @@ async fn refresh_neighbors(ips: Vec<IpAddr>) {
 }
 
 /// Moves every pending kernel record into the audit log.
-fn drain(
-    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
-    audit: &mut AuditWriter,
-    names: &Names,
-) -> anyhow::Result<()> {
+fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, audit: &mut Journal, names: &Names) {
     let clock = Clock::now();
     while let Some(item) = ring.next() {
         let Some(ev) = dataplane::decode_event(&item) else {
@@ -215,10 +216,9 @@ fn drain(
             continue;
         };
         if let Some(event) = conn_event(&ev, names) {
-            audit.append(clock.to_system(ev.ts_ns), event)?;
+            audit.record(clock.to_system(ev.ts_ns), event);
         }
     }
-    Ok(())
 }
 
 /// Closes idle flows, forgets closed ones once their linger time is over, and keeps the
@@ -226,7 +226,7 @@ fn drain(
 /// the kernel never has to refuse a new flow for want of room.
 fn sweep_flows(
     dp: &mut Dataplane,
-    audit: &mut AuditWriter,
+    audit: &mut Journal,
     names: &Names,
     settings: &Settings,
 ) -> anyhow::Result<()> {
@@ -266,7 +266,7 @@ fn sweep_flows(
 /// Records a flow's end decided in user space (idle, evicted) and removes it from the kernel.
 fn close_in_user_space(
     dp: &mut Dataplane,
-    audit: &mut AuditWriter,
+    audit: &mut Journal,
     names: &Names,
     pair: &FlowPair,
     reason: u8,
@@ -275,15 +275,15 @@ fn close_in_user_space(
     // Remove first: a packet arriving now finds no flow rather than being counted after the
     // record was written.
     dp.remove_flow(pair)?;
-    record_close(audit, names, pair, reason, clock)
+    record_close(audit, names, pair, reason, clock);
+    Ok(())
 }
 
-fn record_close(audit: &mut AuditWriter, names: &Names, pair: &FlowPair, reason: u8, clock: &Clock) -> anyhow::Result<()> {
+fn record_close(audit: &mut Journal, names: &Names, pair: &FlowPair, reason: u8, clock: &Clock) {
     let ev = close_record(pair, reason, clock.boot_ns);
     if let Some(event) = conn_event(&ev, names) {
-        audit.append(clock.to_system(ev.ts_ns), event)?;
+        audit.record(clock.to_system(ev.ts_ns), event);
     }
-    Ok(())
 }
 
 /// A close record built in user space, shaped like the kernel's.

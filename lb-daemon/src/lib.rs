@@ -7,10 +7,12 @@
 //! - [`dataplane`]: loading the eBPF object, writing its maps, reading flows and records;
 //! - [`neighbors`]: keeping backends' link-layer addresses resolved for the XDP FIB lookup;
 //! - [`daemon`]: the run loop tying kernel records to the audit log;
+//! - [`journal`]: writing the audit log under the failure policy (fail-open / fail-closed);
 //! - [`audit`]: the binary, tamper-evident log and its reader.
 pub mod audit;
 pub mod balancer;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod journal;
 pub mod neighbors;

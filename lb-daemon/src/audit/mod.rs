@@ -95,6 +95,8 @@ pub struct AuditWriter {
     last_checkpoint: Instant,
     last_fsync: Instant,
     seal: Option<SealKey>,
+    /// The seq of the last whole record found on disk when the log was opened.
+    resumed_after: u64,
 }
 
 impl AuditWriter {
@@ -128,6 +130,7 @@ impl AuditWriter {
                 last_checkpoint: now,
                 last_fsync: now,
                 seal,
+                resumed_after: 0,
             });
         };
         let mut reader = SegmentReader::open(&path)?;
@@ -163,6 +166,7 @@ impl AuditWriter {
             last_checkpoint: now,
             last_fsync: now,
             seal,
+            resumed_after: next_seq - 1,
         };
         if let Some(recovery) = torn {
             w.append(SystemTime::now(), Event::Recovery(recovery))?;
@@ -174,6 +178,12 @@ impl AuditWriter {
     /// The directory of the log.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The seq of the last whole record found on disk when the log was opened (before any
+    /// `recovery` record it then wrote).
+    pub fn resumed_after(&self) -> u64 {
+        self.resumed_after
     }
 
     /// Appends one record stamped with `time`; returns its seq. Written at once, durable after

@@ -1,0 +1,139 @@
+//! The daemon's side of the audit log: writes records, and when writing fails (disk full, I/O
+//! error) applies `--audit-on-failure`:
+//! - `fail-closed`: the data plane refuses new flows (`conn_deny`, `audit_unavailable`) until
+//!   the log can be written again — nothing happens that is not recorded;
+//! - `fail-open`: forwarding goes on.
+//!
+//! Either way, records that could not be written are counted, the writer is reopened every
+//! sweep (which cuts off a partly written record), and the first thing written once it works
+//! again is a `loss` record stating how many records are missing and over which window.
+
+use std::{path::PathBuf, str::FromStr, time::SystemTime};
+
+use tracing::{error, info};
+
+use crate::{
+    audit::{self, AuditWriter, Event, Loss},
+    dataplane::Dataplane,
+};
+
+/// `--audit-on-failure`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailurePolicy {
+    FailOpen,
+    FailClosed,
+}
+
+impl FromStr for FailurePolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fail-open" => Ok(FailurePolicy::FailOpen),
+            "fail-closed" => Ok(FailurePolicy::FailClosed),
+            _ => Err(format!("'{s}': expected fail-open or fail-closed")),
+        }
+    }
+}
+
+struct Failure {
+    since: SystemTime,
+    /// Records dropped while the log could not be written.
+    dropped: u64,
+    error: String,
+}
+
+pub struct Journal {
+    dir: PathBuf,
+    opts: audit::Options,
+    policy: FailurePolicy,
+    writer: Option<AuditWriter>,
+    /// The seq of the last record handed to the writer (buffered records included).
+    last_appended: u64,
+    failure: Option<Failure>,
+    refusing: bool,
+}
+
+impl Journal {
+    pub fn open(dir: PathBuf, opts: audit::Options, policy: FailurePolicy) -> anyhow::Result<Journal> {
+        let writer = AuditWriter::open_with(&dir, opts.clone())?;
+        Ok(Journal { dir, opts, policy, writer: Some(writer), last_appended: 0, failure: None, refusing: false })
+    }
+
+    /// Records an event; a failure to write switches to the failure policy.
+    pub fn record(&mut self, time: SystemTime, event: Event) {
+        let Some(w) = &mut self.writer else {
+            if let Some(f) = &mut self.failure {
+                f.dropped += 1;
+            }
+            return;
+        };
+        match w.append(time, event) {
+            Ok(seq) => self.last_appended = seq,
+            Err(e) => self.fail(e, 1),
+        }
+    }
+
+    /// Makes written records durable (as the fsync policy says).
+    pub fn sync(&mut self) {
+        if let Some(w) = &mut self.writer {
+            if let Err(e) = w.sync() {
+                self.fail(e, 0);
+            }
+        }
+    }
+
+    fn fail(&mut self, e: anyhow::Error, dropped: u64) {
+        error!(error = %format!("{e:#}"), policy = ?self.policy, "cannot write the audit log");
+        // The writer's buffered records are lost with it; reopening tells how many reached
+        // the disk.
+        self.writer = None;
+        self.failure = Some(Failure { since: SystemTime::now(), dropped, error: format!("{e:#}") });
+    }
+
+    /// While failing: tries to reopen the log and, if it works, records the loss.
+    pub fn retry(&mut self) {
+        let Some(f) = &self.failure else { return };
+        let mut w = match AuditWriter::open_with(&self.dir, self.opts.clone()) {
+            Ok(w) => w,
+            Err(_) => return,
+        };
+        let on_disk = w.resumed_after();
+        let lost = f.dropped + self.last_appended.saturating_sub(on_disk);
+        let ns = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
+        let now = SystemTime::now();
+        let loss = Event::Loss(Loss { source: "write_failure".into(), count: lost, since_ns: ns(f.since), until_ns: ns(now) });
+        match w.append(now, loss).and_then(|seq| w.sync().map(|()| seq)) {
+            Ok(seq) => {
+                info!(lost, error = %f.error, "the audit log can be written again");
+                self.last_appended = seq;
+                self.writer = Some(w);
+                self.failure = None;
+            }
+            Err(_) => {
+                // Still failing: the partial record is cut off at the next try.
+            }
+        }
+    }
+
+    /// Brings the data plane in line with the policy: refuse new flows while a fail-closed log
+    /// cannot be written.
+    pub fn apply(&mut self, dp: &mut Dataplane) -> anyhow::Result<()> {
+        let refuse = self.policy == FailurePolicy::FailClosed && self.failure.is_some();
+        if refuse != self.refusing {
+            dp.refuse_new_flows(refuse)?;
+            self.refusing = refuse;
+        }
+        Ok(())
+    }
+
+    /// Ends the run (final checkpoint, everything durable); reports a log that could not be
+    /// written to the end.
+    pub fn close(self) -> anyhow::Result<()> {
+        match (self.writer, self.failure) {
+            (Some(w), _) => w.close(),
+            (None, Some(f)) => anyhow::bail!("the audit log could not be written since the failure ({}); {} record(s) lost", f.error, f.dropped),
+            (None, None) => Ok(()),
+        }
+    }
+}
