@@ -82,6 +82,19 @@ pub struct Args {
     #[arg(long = "audit-segment-mib", value_name = "MIB", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub audit_segment_mib: u64,
 
+    /// ...or when it is this old.
+    #[arg(long = "audit-segment-age", value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    pub audit_segment_age: Duration,
+
+    /// Delete closed segments whose newest record is older than this (each deletion is
+    /// recorded). Default: keep everything.
+    #[arg(long = "audit-retain-age", value_name = "DURATION", value_parser = parse_duration)]
+    pub audit_retain_age: Option<Duration>,
+
+    /// Delete the oldest closed segments while the log is larger than this many MiB.
+    #[arg(long = "audit-retain-mib", value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..))]
+    pub audit_retain_mib: Option<u64>,
+
     /// A checkpoint (chain head, seal) every N records...
     #[arg(long = "audit-checkpoint-records", value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     pub audit_checkpoint_records: u64,
@@ -231,6 +244,11 @@ pub struct AuditSettings {
     /// The key file's path (its content is never recorded).
     pub seal_key: Option<PathBuf>,
     pub segment_mib: u64,
+    #[serde(serialize_with = "as_secs")]
+    pub segment_age: Duration,
+    #[serde(serialize_with = "opt_secs")]
+    pub retain_age: Option<Duration>,
+    pub retain_mib: Option<u64>,
     pub checkpoint_records: u64,
     #[serde(serialize_with = "as_secs")]
     pub checkpoint_interval: Duration,
@@ -244,6 +262,9 @@ impl Default for AuditSettings {
             on_failure: crate::journal::FailurePolicy::FailOpen,
             seal_key: None,
             segment_mib: 64,
+            segment_age: Duration::from_secs(86400),
+            retain_age: None,
+            retain_mib: None,
             checkpoint_records: 1000,
             checkpoint_interval: Duration::from_secs(10),
         }
@@ -276,6 +297,13 @@ pub struct ServiceSpec {
 pub struct BackendSpec {
     pub addr: SocketAddr,
     pub weight: u32,
+}
+
+fn opt_secs<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_f64(d.as_secs_f64()),
+        None => s.serialize_none(),
+    }
 }
 
 fn as_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -371,6 +399,9 @@ impl Args {
                 on_failure: self.audit_on_failure,
                 seal_key: self.audit_seal_key,
                 segment_mib: self.audit_segment_mib,
+                segment_age: self.audit_segment_age,
+                retain_age: self.audit_retain_age,
+                retain_mib: self.audit_retain_mib,
                 checkpoint_records: self.audit_checkpoint_records,
                 checkpoint_interval: self.audit_checkpoint_interval,
             },

@@ -43,6 +43,9 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
     let opts = audit::Options {
         fsync: settings.audit.fsync,
         segment_bytes: settings.audit.segment_mib << 20,
+        segment_age: settings.audit.segment_age,
+        retain_age: settings.audit.retain_age,
+        retain_bytes: settings.audit.retain_mib.map(|m| m << 20),
         checkpoint_records: settings.audit.checkpoint_records,
         checkpoint_interval: settings.audit.checkpoint_interval,
         seal_key,

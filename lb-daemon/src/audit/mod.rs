@@ -24,7 +24,7 @@ use tracing::warn;
 pub use record::{
     Actor, Alert, Checkpoint, CloseReason, ConfigChange, ConnClose, ConnDeny, ConnOpen,
     ControlDenied, DaemonStart, DaemonStop, DenyReason, Event, HealthChange, Loss, Proto, Record,
-    Recovery, record_to_json, rfc3339,
+    Recovery, SegmentDeleted, record_to_json, rfc3339,
 };
 pub use seal::SealKey;
 use segment::{Frame, Header, SegmentReader, SegmentWriter};
@@ -61,8 +61,14 @@ impl FromStr for FsyncPolicy {
 #[derive(Clone)]
 pub struct Options {
     pub fsync: FsyncPolicy,
-    /// A segment that reaches this size is closed and a new one started.
+    /// A segment that reaches this size is closed and a new one started...
     pub segment_bytes: u64,
+    /// ...and so is one that is this old.
+    pub segment_age: Duration,
+    /// Closed segments whose newest record is older than this are deleted.
+    pub retain_age: Option<Duration>,
+    /// The oldest closed segments are deleted while the log is larger than this.
+    pub retain_bytes: Option<u64>,
     /// A checkpoint after this many records...
     pub checkpoint_records: u64,
     /// ...or this long after the previous one, whichever comes first.
@@ -76,6 +82,9 @@ impl Default for Options {
         Options {
             fsync: FsyncPolicy::Always,
             segment_bytes: 64 << 20,
+            segment_age: Duration::from_secs(86400),
+            retain_age: None,
+            retain_bytes: None,
             checkpoint_records: 1000,
             checkpoint_interval: Duration::from_secs(10),
             seal_key: None,
@@ -97,6 +106,8 @@ pub struct AuditWriter {
     seal: Option<SealKey>,
     /// The seq of the last whole record found on disk when the log was opened.
     resumed_after: u64,
+    /// When the current segment was created.
+    segment_created: SystemTime,
 }
 
 impl AuditWriter {
@@ -131,6 +142,7 @@ impl AuditWriter {
                 last_fsync: now,
                 seal,
                 resumed_after: 0,
+                segment_created: SystemTime::now(),
             });
         };
         let mut reader = SegmentReader::open(&path)?;
@@ -167,6 +179,7 @@ impl AuditWriter {
             last_fsync: now,
             seal,
             resumed_after: next_seq - 1,
+            segment_created: SystemTime::UNIX_EPOCH + Duration::from_nanos(reader.header.created_ns.max(0) as u64),
         };
         if let Some(recovery) = torn {
             w.append(SystemTime::now(), Event::Recovery(recovery))?;
@@ -242,6 +255,52 @@ impl AuditWriter {
         self.segment.sync()?;
         self.index += 1;
         self.segment = SegmentWriter::create(&self.dir, &new_header(self.index, self.next_seq, self.head))?;
+        self.segment_created = SystemTime::now();
+        self.retain()
+    }
+
+    /// Deletes closed segments beyond the retention limits, oldest first, each with a
+    /// `segment_deleted` record. The active segment is never deleted.
+    fn retain(&mut self) -> anyhow::Result<()> {
+        if self.opts.retain_age.is_none() && self.opts.retain_bytes.is_none() {
+            return Ok(());
+        }
+        let segments = segment::list(&self.dir)?;
+        let sizes: Vec<u64> = segments.iter().map(|(_, p)| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).collect();
+        let mut total: u64 = sizes.iter().sum();
+        let now = SystemTime::now();
+        for (i, (index, path)) in segments.iter().enumerate() {
+            if *index >= self.index {
+                break;
+            }
+            // A closed segment's newest record is no younger than the next segment's creation.
+            let (next_first, next_created) = match segments.get(i + 1) {
+                Some((_, next)) => {
+                    let h = SegmentReader::open(next)?.header;
+                    (h.first_seq, SystemTime::UNIX_EPOCH + Duration::from_nanos(h.created_ns.max(0) as u64))
+                }
+                None => break,
+            };
+            let too_old = self.opts.retain_age.is_some_and(|age| now.duration_since(next_created).unwrap_or_default() > age);
+            let too_big = self.opts.retain_bytes.is_some_and(|max| total > max);
+            if !(too_old || too_big) {
+                break;
+            }
+            let first_seq = SegmentReader::open(path)?.header.first_seq;
+            std::fs::remove_file(path).with_context(|| format!("deleting {}", path.display()))?;
+            total -= sizes[i];
+            let reason = if too_old { "age" } else { "size" };
+            self.write(
+                now,
+                Event::SegmentDeleted(SegmentDeleted {
+                    index: *index,
+                    first_seq,
+                    last_seq: next_first - 1,
+                    bytes: sizes[i],
+                    reason: reason.into(),
+                }),
+            )?;
+        }
         Ok(())
     }
 
@@ -250,6 +309,11 @@ impl AuditWriter {
     pub fn sync(&mut self) -> anyhow::Result<()> {
         if self.since_checkpoint > 0 && self.last_checkpoint.elapsed() >= self.opts.checkpoint_interval {
             self.checkpoint()?;
+        }
+        if self.segment.len > segment::HEADER_LEN as u64
+            && SystemTime::now().duration_since(self.segment_created).unwrap_or_default() >= self.opts.segment_age
+        {
+            self.rotate()?;
         }
         let fsync = match self.opts.fsync {
             FsyncPolicy::Always => true,

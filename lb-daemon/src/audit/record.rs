@@ -215,6 +215,18 @@ pub enum Event {
     HealthChange(HealthChange),
     ControlDenied(ControlDenied),
     Alert(Alert),
+    SegmentDeleted(SegmentDeleted),
+}
+
+/// A segment removed by retention (`--audit-retain-*`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct SegmentDeleted {
+    pub index: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub bytes: u64,
+    /// `age` or `size`.
+    pub reason: String,
 }
 
 impl Event {
@@ -233,6 +245,7 @@ impl Event {
             Event::HealthChange(_) => "health_change",
             Event::ControlDenied(_) => "control_denied",
             Event::Alert(_) => "alert",
+            Event::SegmentDeleted(_) => "segment_deleted",
         }
     }
 }
@@ -314,6 +327,9 @@ pub fn record_to_json(r: &Record) -> Value {
             "actor": actor(&c.actor), "action": c.action, "target": c.target, "reason": c.reason,
         }),
         Event::Alert(a) => json!({ "rule": a.rule, "source": a.source, "message": a.message, "action": a.action }),
+        Event::SegmentDeleted(d) => json!({
+            "segment": d.index, "first_seq": d.first_seq, "last_seq": d.last_seq, "bytes": d.bytes, "reason": d.reason,
+        }),
     };
     if let (Value::Object(all), Value::Object(more)) = (&mut v, fields) {
         all.extend(more);

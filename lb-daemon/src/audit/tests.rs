@@ -386,3 +386,41 @@ fn fsync_policies_parse() {
     assert_eq!("interval=250ms".parse::<FsyncPolicy>(), Ok(FsyncPolicy::Interval(Duration::from_millis(250))));
     assert!("sometimes".parse::<FsyncPolicy>().is_err());
 }
+
+#[test]
+fn retention_deletes_old_segments_on_record_and_the_rest_still_verifies() {
+    let d = Dir::new("retain");
+    let opts = Options { segment_bytes: 2048, retain_bytes: Some(6000), checkpoint_records: 10, ..Options::default() };
+    let mut w = AuditWriter::open_with(&d.0, opts).unwrap();
+    for i in 0..300u64 {
+        w.append(t0(), every_kind()[(i % 5) as usize].clone()).unwrap();
+    }
+    w.close().unwrap();
+    let segs = segment::list(&d.0).unwrap();
+    assert!(segs[0].0 > 1, "old segments are gone");
+    let total: u64 = segs.iter().map(|(_, p)| std::fs::metadata(p).unwrap().len()).sum();
+    assert!(total <= 6000 + 2048 + 512, "the log stays near its limit: {total}");
+    let r = verify::verify(&d.0, None).expect("what is left verifies");
+    assert_eq!(r.deleted_segments, segs[0].0 - 1, "every deletion is on record");
+    let recs: Vec<Record> = AuditReader::open(&d.0).unwrap().map(|r| r.unwrap()).collect();
+    let newest_gone = segs[0].0 - 1;
+    assert!(recs.iter().any(|r| matches!(&r.event, Event::SegmentDeleted(s) if s.index == newest_gone && s.reason == "size")));
+    // A segment removed by someone else is not on record.
+    std::fs::remove_file(&segs[0].1).unwrap();
+    let e = verify::verify(&d.0, None).unwrap_err();
+    assert!(e.what.contains("no record says it was deleted"), "{e}");
+}
+
+#[test]
+fn segments_rotate_by_age() {
+    let d = Dir::new("age");
+    let opts = Options { segment_age: Duration::ZERO, ..Options::default() };
+    let mut w = AuditWriter::open_with(&d.0, opts).unwrap();
+    for e in every_kind() {
+        w.append(t0(), e).unwrap();
+        w.sync().unwrap();
+    }
+    w.close().unwrap();
+    assert!(segment::list(&d.0).unwrap().len() >= 5);
+    assert!(verify::verify(&d.0, None).is_ok());
+}

@@ -25,6 +25,8 @@ pub struct Report {
     /// Loss records: (source, count, window).
     pub losses: Vec<(String, u64, String)>,
     pub recoveries: u64,
+    /// Segments deleted by retention (all those before the first one present).
+    pub deleted_segments: u64,
     /// Bytes of a torn record at the end of the last segment (a crash; cut off on restart).
     pub torn_tail_bytes: u64,
 }
@@ -65,8 +67,11 @@ pub fn verify(dir: &Path, key: Option<SealKey>) -> Result<Report, Damage> {
     let mut head = [0u8; 32];
     let mut next_seq: Option<u64> = None;
     let last_index = segments.last().map(|(i, _)| *i).unwrap_or(0);
+    // Retention may have deleted the oldest segments; each deletion must be on record.
+    let first_index = segments[0].0;
+    let mut deleted: Vec<u64> = Vec::new();
     for (n, (index, path)) in segments.iter().enumerate() {
-        let expected_index = n as u64 + 1;
+        let expected_index = first_index + n as u64;
         if *index != expected_index {
             return Err(damage(path, 0, None, format!("segment {expected_index} is missing (found {index})")));
         }
@@ -78,6 +83,10 @@ pub fn verify(dir: &Path, key: Option<SealKey>) -> Result<Report, Damage> {
             if r.header.first_seq != s {
                 return Err(damage(path, 0, None, format!("starts at seq {} where {s} was expected", r.header.first_seq)));
             }
+        }
+        if n == 0 && first_index > 1 {
+            // The chain is proven from here on: the segments before are gone.
+            head = r.header.prev_head;
         }
         if r.header.prev_head != head {
             return Err(damage(path, 0, None, "header's chain head does not continue the previous segment".into()));
@@ -124,6 +133,7 @@ pub fn verify(dir: &Path, key: Option<SealKey>) -> Result<Report, Damage> {
                             format!("{} .. {}", rfc3339(l.since_ns), rfc3339(l.until_ns)),
                         )),
                         Event::Recovery(_) => report.recoveries += 1,
+                        Event::SegmentDeleted(d) => deleted.push(d.index),
                         _ => {}
                     }
                     head = segment::chain(&head, &r.last_frame);
@@ -135,5 +145,17 @@ pub fn verify(dir: &Path, key: Option<SealKey>) -> Result<Report, Damage> {
             }
         }
     }
+    // Retention deletes oldest first, so a record of segment k's deletion accounts for 1..=k
+    // (the records of earlier deletions may have gone with the segments that held them).
+    let accounted = deleted.iter().copied().max().unwrap_or(0);
+    if first_index > 1 && accounted < first_index - 1 {
+        return Err(damage(
+            &segments[0].1,
+            0,
+            None,
+            format!("segment {} is missing and no record says it was deleted", first_index - 1),
+        ));
+    }
+    report.deleted_segments = first_index - 1;
     Ok(report)
 }
