@@ -424,3 +424,48 @@ fn segments_rotate_by_age() {
     assert!(segment::list(&d.0).unwrap().len() >= 5);
     assert!(verify::verify(&d.0, None).is_ok());
 }
+
+/// Randomized corruption of a sealed multi-segment log: every flipped byte and every cut in a
+/// closed segment is detected by `verify` (never a panic, never a clean "intact"), and `read`
+/// either errors or stops — it never returns a record that is not in the original log.
+#[test]
+fn random_corruption_is_always_detected() {
+    let d = Dir::new("fuzz");
+    let key = sealed_log(&d, 80);
+    let segs = segment::list(&d.0).unwrap();
+    let originals: Vec<Vec<u8>> = segs.iter().map(|(_, p)| std::fs::read(p).unwrap()).collect();
+    let good: Vec<Record> = read_all(&d.0).unwrap();
+    let mut rng = 0x1234_5678_9abc_def1u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    for i in 0..400 {
+        let s = (next() % segs.len() as u64) as usize;
+        let mut bytes = originals[s].clone();
+        let cut = next() % 3 == 0 && s + 1 < segs.len();
+        if cut {
+            bytes.truncate((next() % bytes.len() as u64) as usize);
+        } else {
+            let at = (next() % bytes.len() as u64) as usize;
+            bytes[at] ^= 1 << (next() % 8);
+        }
+        std::fs::write(&segs[s].1, &bytes).unwrap();
+        match verify_with(&d, &key) {
+            Err(_) => {}
+            // A damaged length in the very last frame reads as a write torn by a crash, which
+            // verify reports (and the daemon cuts off) rather than calls tampering.
+            Ok(r) => assert!(s + 1 == segs.len() && r.torn_tail_bytes > 0, "case {i}: corruption of segment {s} went unnoticed"),
+        }
+        for rec in AuditReader::open(&d.0).unwrap() {
+            match rec {
+                Ok(r) => assert!(good.contains(&r), "case {i}: read returned a record not in the log"),
+                Err(_) => break,
+            }
+        }
+        std::fs::write(&segs[s].1, &originals[s]).unwrap();
+    }
+    assert!(verify_with(&d, &key).is_ok());
+}
