@@ -216,30 +216,31 @@ fn json_uses_the_contract_names() {
     assert_eq!(j[4]["kind"], "daemon_stop");
 }
 
-/// The two example frames of docs/audit-format.md, byte for byte: the encoding is frozen.
+/// The two example frames of docs/audit-format.md, byte for byte: the encoding is frozen, and
+/// the bytes decode back to the records.
 #[test]
 fn golden_frames_match_the_specification() {
+    for (bytes, rec) in [(GOLDEN_OPEN, 1u64), (GOLDEN_CLOSE, 300)] {
+        let raw: Vec<u8> = bytes.split_whitespace().map(|h| u8::from_str_radix(h, 16).unwrap()).collect();
+        let (decoded, used) =
+            bincode::serde::decode_from_slice::<Record, _>(&raw[9..], segment::bincode_config()).unwrap();
+        assert_eq!((decoded.seq, used), (rec, raw.len() - 9));
+        assert_eq!(crc32c::crc32c(&raw[8..]), u32::from_le_bytes(raw[4..8].try_into().unwrap()));
+    }
     let hex = |f: Vec<u8>| f.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ");
+    let norm = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
     let open = Record { seq: 1, time_ns: 1_795_000_000_123_456_789, event: every_kind()[1].clone() };
-    assert_eq!(
-        hex(segment::encode_frame(&open).unwrap()),
-        "38 00 00 00 af 8e 71 d7 01 01 fd 2a 9a 5e c6 fa 3d d2 31 02 07 00 00 0a 00 01 02 fb 40 9c 00 0a 00 00 64 50 \
-         03 77 65 62 00 0a 00 02 02 fb 90 1f 00 0a 00 02 01 fb 20 4e 06 6d 61 67 6c 65 76 01"
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
+    assert_eq!(hex(segment::encode_frame(&open).unwrap()), norm(GOLDEN_OPEN));
     let close = Record { seq: 300, time_ns: 1_795_000_000_123_456_789, event: every_kind()[2].clone() };
-    assert_eq!(
-        hex(segment::encode_frame(&close).unwrap()),
-        "5b 00 00 00 a7 66 32 ec 01 fb 2c 01 fd 2a 9a 5e c6 fa 3d d2 31 03 07 01 01 fd 00 00 01 00 00 00 00 00 00 00 \
-         00 00 00 00 02 fb 40 9c 01 fd 00 00 00 00 00 00 00 00 00 00 00 00 00 01 00 35 04 64 6e 73 36 01 fd 00 00 02 \
-         00 00 00 00 00 00 00 00 00 00 00 02 fb e9 14 fc 15 cd 5b 07 64 fb 4d 01 04 03 02"
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
+    assert_eq!(hex(segment::encode_frame(&close).unwrap()), norm(GOLDEN_CLOSE));
 }
+
+const GOLDEN_OPEN: &str = "38 00 00 00 af 8e 71 d7 01 01 fd 2a 9a 5e c6 fa 3d d2 31 02 07 00 00 0a 00 01 02 fb 40 9c
+    00 0a 00 00 64 50 03 77 65 62 00 0a 00 02 02 fb 90 1f 00 0a 00 02 01 fb 20 4e 06 6d 61 67 6c 65 76 01";
+
+const GOLDEN_CLOSE: &str = "5b 00 00 00 a7 66 32 ec 01 fb 2c 01 fd 2a 9a 5e c6 fa 3d d2 31 03 07 01 01 fd 00 00 01
+    00 00 00 00 00 00 00 00 00 00 00 02 fb 40 9c 01 fd 00 00 00 00 00 00 00 00 00 00 00 00 00 01 00 35 04 64 6e 73
+    36 01 fd 00 00 02 00 00 00 00 00 00 00 00 00 00 00 02 fb e9 14 fc 15 cd 5b 07 64 fb 4d 01 04 03 02";
 
 fn key_file(d: &Dir) -> PathBuf {
     let p = d.0.with_extension("key");
