@@ -19,6 +19,8 @@ pub struct PlacedBackend {
     pub weight: u32,
     /// Source address used towards this backend.
     pub snat: IpAddr,
+    /// Receives new flows (health checks pass, or none are configured).
+    pub up: bool,
 }
 
 /// An access rule placed in the data plane.
@@ -67,7 +69,7 @@ pub fn place(settings: &Settings) -> anyhow::Result<Vec<PlacedService>> {
                     format!("--backend {}={}: cannot find a source address towards it (give --snat-ip)", spec.name, b.addr)
                 })?,
             };
-            backends.push(PlacedBackend { index: next_backend, addr: b.addr, weight: b.weight, snat });
+            backends.push(PlacedBackend { index: next_backend, addr: b.addr, weight: b.weight, snat, up: true });
             next_backend += 1;
         }
         let mut rules = Vec::new();
@@ -81,6 +83,19 @@ pub fn place(settings: &Settings) -> anyhow::Result<Vec<PlacedService>> {
         out.push(PlacedService { id: id as u32, spec: spec.clone(), backends, generation: 1, table, rules });
     }
     Ok(out)
+}
+
+impl PlacedService {
+    /// The backends that receive new flows.
+    pub fn up_backends(&self) -> Vec<PlacedBackend> {
+        self.backends.iter().filter(|b| b.up).cloned().collect()
+    }
+
+    /// Rebuilds the Maglev table from the backends that are up, as a new generation.
+    pub fn rebuild(&mut self, table_size: u32) {
+        self.table = maglev_table(&self.up_backends(), table_size);
+        self.generation += 1;
+    }
 }
 
 /// The local address the kernel would use to reach `addr` (no packet is sent).
@@ -150,7 +165,7 @@ mod tests {
     use super::*;
 
     fn backend(i: u32, addr: &str, weight: u32) -> PlacedBackend {
-        PlacedBackend { index: i, addr: addr.parse().unwrap(), weight, snat: "10.0.0.1".parse().unwrap() }
+        PlacedBackend { index: i, addr: addr.parse().unwrap(), weight, snat: "10.0.0.1".parse().unwrap(), up: true }
     }
 
     #[test]

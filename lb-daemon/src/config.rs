@@ -44,6 +44,11 @@ pub struct Args {
     #[arg(long = "deny", value_name = "SERVICE=CIDR", value_parser = parse_acl)]
     pub deny: Vec<AclFlag>,
 
+    /// Health checks of SERVICE's backends: `tcp`, `udp[:PAYLOAD]` or `http[:/PATH]`, then
+    /// `,interval=2s,timeout=1s,rise=2,fall=3`.
+    #[arg(long = "health", value_name = "SERVICE=CHECK", value_parser = parse_health)]
+    pub health: Vec<(String, crate::health::CheckSpec)>,
+
     /// At most N new flows per second from one client address to SERVICE.
     #[arg(long = "rate-limit", value_name = "SERVICE=N/s", value_parser = parse_rate)]
     pub rate_limits: Vec<RateFlag>,
@@ -291,6 +296,8 @@ pub struct ServiceSpec {
     pub deny: Vec<Cidr>,
     /// New flows per second per client address; `None` is unlimited.
     pub rate_limit: Option<u32>,
+    /// Active health checks of the backends; `None`: backends are always considered up.
+    pub health: Option<crate::health::CheckSpec>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -329,6 +336,7 @@ impl Args {
                 allow: Vec::new(),
                 deny: Vec::new(),
                 rate_limit: None,
+                health: None,
             });
         }
         if services.len() > lb_common::MAX_SERVICES as usize {
@@ -373,6 +381,14 @@ impl Args {
             };
             if svc.rate_limit.replace(r.per_sec).is_some() {
                 bail!("--rate-limit {}: given twice", r.service);
+            }
+        }
+        for (name, spec) in self.health {
+            let Some(svc) = services.iter_mut().find(|s| s.name == name) else {
+                bail!("--health {name}=...: unknown service '{name}' (declare it with --service)");
+            };
+            if svc.health.replace(spec).is_some() {
+                bail!("--health {name}: given twice");
             }
         }
         let total: usize = services.iter().map(|s| s.backends.len()).sum();
@@ -487,6 +503,12 @@ fn parse_acl(s: &str) -> Result<AclFlag, String> {
     let (service, net) = s.split_once('=').ok_or("expected SERVICE=CIDR")?;
     check_name(service)?;
     Ok(AclFlag { service: service.to_string(), net: net.parse()? })
+}
+
+fn parse_health(s: &str) -> Result<(String, crate::health::CheckSpec), String> {
+    let (service, spec) = s.split_once('=').ok_or("expected SERVICE=CHECK, e.g. web=tcp,interval=2s")?;
+    check_name(service)?;
+    Ok((service.to_string(), spec.parse()?))
 }
 
 fn parse_rate(s: &str) -> Result<RateFlag, String> {

@@ -16,11 +16,12 @@ use tracing::{info, warn};
 use crate::{
     audit::{
         self, CloseReason, ConnClose, ConnDeny, ConnOpen, DaemonStart, DaemonStop, DenyReason, Event,
-        Loss, Proto, SealKey,
+        HealthChange, Loss, Proto, SealKey,
     },
     balancer::{self, PlacedService},
     config::Settings,
     dataplane::{self, Dataplane, FlowPair, socket_addr},
+    health,
     journal::Journal,
     neighbors,
 };
@@ -52,7 +53,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
     };
     let mut audit = Journal::open(settings.audit_dir.clone(), opts, settings.audit.on_failure)
         .with_context(|| format!("--audit-dir {}: cannot open the audit log", settings.audit_dir.display()))?;
-    let services = balancer::place(&settings)?;
+    let mut services = balancer::place(&settings)?;
     let names = Names::new(&services);
     check_forwarding(&services)?;
 
@@ -80,6 +81,19 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
     audit.apply(&mut dp)?;
     info!(ifaces = ?settings.ifaces, services = services.len(), "ready");
 
+    // Health checks: one task per checked backend, results come back on one channel.
+    let (health_tx, mut health_rx) = tokio::sync::mpsc::channel::<health::Probe>(1024);
+    let mut health_state: HashMap<(u32, std::net::SocketAddr), health::State> = HashMap::new();
+    for s in &services {
+        if let Some(spec) = &s.spec.health {
+            for b in &s.backends {
+                health::spawn(s.id, b.addr, spec.clone(), health_tx.clone());
+                health_state.insert((s.id, b.addr), health::State::default());
+            }
+        }
+    }
+    drop(health_tx);
+
     let mut loss_seen = KernelLoss { count: 0, since: SystemTime::now() };
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
     let mut neigh = tokio::time::interval(NEIGHBOR_REFRESH);
@@ -102,6 +116,11 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
                 audit.apply(&mut dp)?;
             }
             _ = neigh.tick() => refresh_neighbors(backend_ips.clone()).await,
+            Some(probe) = health_rx.recv() => {
+                health_result(&probe, &mut services, &mut health_state, &mut dp, &mut audit, settings.maglev_table_size)?;
+                audit.sync();
+                audit.apply(&mut dp)?;
+            }
             () = &mut shutdown => break,
         }
     }
@@ -144,6 +163,46 @@ fn check_forwarding(services: &[PlacedService]) -> anyhow::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// Counts a health probe; on a transition records it and gives the service a new Maglev table
+/// of the backends that are up. Established flows to a backend that went down continue (they
+/// end by FIN, RST or idle timeout); a service with no backend up refuses new flows
+/// (`no_backend`).
+fn health_result(
+    probe: &health::Probe,
+    services: &mut [PlacedService],
+    state: &mut HashMap<(u32, std::net::SocketAddr), health::State>,
+    dp: &mut Dataplane,
+    audit: &mut Journal,
+    table_size: u32,
+) -> anyhow::Result<()> {
+    let Some(svc) = services.iter_mut().find(|s| s.id == probe.service) else { return Ok(()) };
+    let Some(spec) = svc.spec.health.clone() else { return Ok(()) };
+    let Some(st) = state.get_mut(&(probe.service, probe.backend)) else { return Ok(()) };
+    let failures = st.failures + u32::from(probe.result.is_err());
+    if !st.observe(&probe.result, &spec) {
+        return Ok(());
+    }
+    let (from, to) = if st.down { ("up", "down") } else { ("down", "up") };
+    warn!(service = %svc.spec.name, backend = %probe.backend, from, to, error = ?st.last_error, "backend health changed");
+    if let Some(b) = svc.backends.iter_mut().find(|b| b.addr == probe.backend) {
+        b.up = !st.down;
+    }
+    svc.rebuild(table_size);
+    dp.update_service(svc)?;
+    audit.record(
+        SystemTime::now(),
+        Event::HealthChange(HealthChange {
+            service: svc.spec.name.clone(),
+            backend: probe.backend,
+            from: from.into(),
+            to: to.into(),
+            consecutive_failures: if st.down { failures } else { 0 },
+            last_error: if st.down { st.last_error.clone() } else { None },
+        }),
+    );
     Ok(())
 }
 

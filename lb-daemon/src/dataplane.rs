@@ -147,15 +147,6 @@ impl Dataplane {
             }
         }
         {
-            let mut maglev: Array<&mut MapData, u32> = Array::try_from(self.map(maps::MAGLEV)?)?;
-            for s in services {
-                let base = s.id * s.table.len() as u32;
-                for (slot, &idx) in s.table.iter().enumerate() {
-                    maglev.set(base + slot as u32, idx, 0)?;
-                }
-            }
-        }
-        {
             let mut acl: LpmTrie<&mut MapData, AclKey, AclRule> = LpmTrie::try_from(self.map(maps::ACL)?)?;
             for s in services {
                 for r in &s.rules {
@@ -173,20 +164,35 @@ impl Dataplane {
                 vips.insert(VipKey { addr: words, af, _pad0: 0, _pad1: 0 }, 1, 0)?;
             }
         }
+        for s in services {
+            self.update_service(s)?;
+        }
+        Ok(())
+    }
+
+    /// Writes one service's Maglev table, then its entry (backend count, generation): new
+    /// flows move to the new table as its slots are written; established flows are not
+    /// affected.
+    pub fn update_service(&mut self, s: &PlacedService) -> anyhow::Result<()> {
+        {
+            let mut maglev: Array<&mut MapData, u32> = Array::try_from(self.map(maps::MAGLEV)?)?;
+            let base = s.id * s.table.len() as u32;
+            for (slot, &idx) in s.table.iter().enumerate() {
+                maglev.set(base + slot as u32, idx, 0)?;
+            }
+        }
         let mut svc_map: HashMap<&mut MapData, ServiceKey, ServiceInfo> =
             HashMap::try_from(self.map(maps::SERVICES)?)?;
-        for s in services {
-            let info = ServiceInfo {
-                id: s.id,
-                backend_count: s.backends.len() as u32,
-                generation: s.generation,
-                flags: if s.rules.iter().any(|r| r.allow) { service_flags::DEFAULT_DENY } else { 0 }
-                    | if s.rules.is_empty() { 0 } else { service_flags::HAS_RULES },
-                rate_per_sec: s.spec.rate_limit.unwrap_or(0),
-                _pad: 0,
-            };
-            svc_map.insert(service_key(s), info, 0)?;
-        }
+        let info = ServiceInfo {
+            id: s.id,
+            backend_count: s.backends.iter().filter(|b| b.up).count() as u32,
+            generation: s.generation,
+            flags: if s.rules.iter().any(|r| r.allow) { service_flags::DEFAULT_DENY } else { 0 }
+                | if s.rules.is_empty() { 0 } else { service_flags::HAS_RULES },
+            rate_per_sec: s.spec.rate_limit.unwrap_or(0),
+            _pad: 0,
+        };
+        svc_map.insert(service_key(s), info, 0)?;
         Ok(())
     }
 

@@ -5,6 +5,7 @@
 //! - [`config`]: command-line flags and the effective configuration;
 //! - [`balancer`]: service/backend placement and the weighted Maglev table;
 //! - [`dataplane`]: loading the eBPF object, writing its maps, reading flows and records;
+//! - [`health`]: active TCP/UDP/HTTP checks with rise/fall;
 //! - [`neighbors`]: keeping backends' link-layer addresses resolved for the XDP FIB lookup;
 //! - [`daemon`]: the run loop tying kernel records to the audit log;
 //! - [`journal`]: writing the audit log under the failure policy (fail-open / fail-closed);
@@ -14,5 +15,6 @@ pub mod balancer;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod health;
 pub mod journal;
 pub mod neighbors;

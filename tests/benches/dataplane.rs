@@ -66,6 +66,7 @@ fn service(name: &str, proto: Proto, vip: &str, backend: &str) -> ServiceSpec {
         allow: vec![],
         deny: vec![],
         rate_limit: None,
+        health: None,
     }
 }
 

@@ -51,6 +51,7 @@ fn service(name: &str, proto: Proto, vip: &str, backends: &[&str]) -> ServiceSpe
         allow: vec![],
         deny: vec![],
         rate_limit: None,
+        health: None,
     }
 }
 
