@@ -96,6 +96,28 @@ pub mod stat {
     pub const DROP_UNSUPPORTED: u32 = 18;
     /// Number of counters.
     pub const COUNT: u32 = 19;
+    /// Their names, by index (for status output and metrics).
+    pub const NAMES: [&str; COUNT as usize] = [
+        "ringbuf_loss",
+        "forwarded",
+        "replied",
+        "passed",
+        "drop_no_route",
+        "drop_no_flow",
+        "deny_snat_exhausted",
+        "deny_no_backend",
+        "deny_conntrack_full",
+        "deny_acl",
+        "deny_rate_limited",
+        "deny_audit_unavailable",
+        "deny_records_suppressed",
+        "drop_malformed",
+        "drop_fragment",
+        "drop_ipv6_ext",
+        "passed_vlan",
+        "icmp_translated",
+        "drop_unsupported",
+    ];
 }
 
 /// Key of the `SERVICES` hash map: a virtual IP, port and protocol.

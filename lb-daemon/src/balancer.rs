@@ -19,8 +19,17 @@ pub struct PlacedBackend {
     pub weight: u32,
     /// Source address used towards this backend.
     pub snat: IpAddr,
-    /// Receives new flows (health checks pass, or none are configured).
+    /// Health checks pass (or none are configured).
     pub up: bool,
+    /// An operator drained it: no new flows, established ones continue.
+    pub drained: bool,
+}
+
+impl PlacedBackend {
+    /// Whether new flows may go to it.
+    pub fn in_rotation(&self) -> bool {
+        self.up && !self.drained
+    }
 }
 
 /// An access rule placed in the data plane.
@@ -69,7 +78,7 @@ pub fn place(settings: &Settings) -> anyhow::Result<Vec<PlacedService>> {
                     format!("--backend {}={}: cannot find a source address towards it (give --snat-ip)", spec.name, b.addr)
                 })?,
             };
-            backends.push(PlacedBackend { index: next_backend, addr: b.addr, weight: b.weight, snat, up: true });
+            backends.push(PlacedBackend { index: next_backend, addr: b.addr, weight: b.weight, snat, up: true, drained: false });
             next_backend += 1;
         }
         let mut rules = Vec::new();
@@ -87,13 +96,13 @@ pub fn place(settings: &Settings) -> anyhow::Result<Vec<PlacedService>> {
 
 impl PlacedService {
     /// The backends that receive new flows.
-    pub fn up_backends(&self) -> Vec<PlacedBackend> {
-        self.backends.iter().filter(|b| b.up).cloned().collect()
+    pub fn in_rotation(&self) -> Vec<PlacedBackend> {
+        self.backends.iter().filter(|b| b.in_rotation()).cloned().collect()
     }
 
-    /// Rebuilds the Maglev table from the backends that are up, as a new generation.
+    /// Rebuilds the Maglev table from the backends in rotation, as a new generation.
     pub fn rebuild(&mut self, table_size: u32) {
-        self.table = maglev_table(&self.up_backends(), table_size);
+        self.table = maglev_table(&self.in_rotation(), table_size);
         self.generation += 1;
     }
 }

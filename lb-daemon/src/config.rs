@@ -63,6 +63,15 @@ pub struct Args {
     #[arg(long = "snat-ports", value_name = "LO-HI", value_parser = parse_port_range)]
     pub snat_ports: Option<(u16, u16)>,
 
+    /// The control socket `lbctl` talks to (mode 0660).
+    #[arg(long = "control-socket", value_name = "PATH", default_value = crate::control::DEFAULT_SOCKET)]
+    pub control_socket: PathBuf,
+
+    /// Who may do what on the control socket (repeatable): `admin`, `operator` or `viewer`
+    /// granted to `user:NAME` or `group:NAME`. root is always admin.
+    #[arg(long = "role", value_name = "ROLE=user:NAME|group:NAME", value_parser = clap::value_parser!(crate::control::RoleGrant))]
+    pub roles: Vec<crate::control::RoleGrant>,
+
     /// Directory of the audit log.
     #[arg(long = "audit-dir", value_name = "DIR", default_value = DEFAULT_AUDIT_DIR)]
     pub audit_dir: PathBuf,
@@ -230,6 +239,8 @@ pub struct Settings {
     pub snat_ports: (u16, u16),
     pub audit_dir: PathBuf,
     pub audit: AuditSettings,
+    pub control_socket: PathBuf,
+    pub roles: Vec<crate::control::RoleGrant>,
     #[serde(serialize_with = "as_secs")]
     pub tcp_idle_timeout: Duration,
     #[serde(serialize_with = "as_secs")]
@@ -410,6 +421,8 @@ impl Args {
             snat_ips: self.snat_ips,
             snat_ports,
             audit_dir: self.audit_dir,
+            control_socket: self.control_socket,
+            roles: self.roles,
             audit: AuditSettings {
                 fsync: self.audit_fsync,
                 on_failure: self.audit_on_failure,

@@ -15,11 +15,12 @@ use tracing::{info, warn};
 
 use crate::{
     audit::{
-        self, CloseReason, ConnClose, ConnDeny, ConnOpen, DaemonStart, DaemonStop, DenyReason, Event,
-        HealthChange, Loss, Proto, SealKey,
+        self, BackendDrained, CloseReason, ConfigChange, ConnClose, ConnDeny, ConnOpen, ControlDenied,
+        DaemonStart, DaemonStop, DenyReason, Event, HealthChange, Loss, Proto, SealKey,
     },
     balancer::{self, PlacedService},
     config::Settings,
+    control,
     dataplane::{self, Dataplane, FlowPair, socket_addr},
     health,
     journal::Journal,
@@ -94,6 +95,10 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
     }
     drop(health_tx);
 
+    let (calls_tx, mut calls_rx) = tokio::sync::mpsc::channel::<control::Call>(64);
+    control::serve(&settings.control_socket, settings.roles.clone(), calls_tx)?;
+    let mut control_state = ControlState { generation: 1, drained_reported: Vec::new(), started: SystemTime::now() };
+
     let mut loss_seen = KernelLoss { count: 0, since: SystemTime::now() };
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
     let mut neigh = tokio::time::interval(NEIGHBOR_REFRESH);
@@ -111,11 +116,17 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
             _ = sweep.tick() => {
                 audit.retry();
                 sweep_flows(&mut dp, &mut audit, &names, &settings)?;
+                report_drained(&mut dp, &services, &mut audit, &mut control_state)?;
                 record_kernel_loss(&mut dp, &mut audit, &mut loss_seen)?;
                 audit.sync();
                 audit.apply(&mut dp)?;
             }
             _ = neigh.tick() => refresh_neighbors(backend_ips.clone()).await,
+            Some(call) = calls_rx.recv() => {
+                let response = handle_call(&call, &mut services, &health_state, &mut dp, &mut audit, &settings, &mut control_state)?;
+                let _ = call.reply.send(response);
+                audit.apply(&mut dp)?;
+            }
             Some(probe) = health_rx.recv() => {
                 health_result(&probe, &mut services, &mut health_state, &mut dp, &mut audit, settings.maglev_table_size)?;
                 audit.sync();
@@ -161,6 +172,169 @@ fn check_forwarding(services: &[PlacedService]) -> anyhow::Result<()> {
                 key.replace('/', "."),
                 key.replace('/', ".")
             );
+        }
+    }
+    Ok(())
+}
+
+/// What the control plane keeps between requests.
+struct ControlState {
+    /// Configuration generation: 1 at start, one more per accepted change.
+    generation: u64,
+    /// Drained backends whose `backend_drained` record is written.
+    drained_reported: Vec<(u32, std::net::SocketAddr)>,
+    started: SystemTime,
+}
+
+/// Executes one control request: checks the caller's role (a refusal is a `control_denied`
+/// record), answers queries, and applies changes only after their `config_change` record is
+/// written (under fail-closed, a change that cannot be recorded is refused).
+fn handle_call(
+    call: &control::Call,
+    services: &mut [PlacedService],
+    health: &HashMap<(u32, std::net::SocketAddr), health::State>,
+    dp: &mut Dataplane,
+    audit: &mut Journal,
+    settings: &Settings,
+    state: &mut ControlState,
+) -> anyhow::Result<control::Response> {
+    use control::{Refusal, Response};
+    use serde_json::json;
+    let req = &call.request;
+    let target = [req.service.as_deref(), req.backend.as_deref()].into_iter().flatten().collect::<Vec<_>>().join(" ");
+    let Some(needed) = control::required_role(&req.action) else {
+        return Ok(Response::err(Refusal::Invalid, format!("unknown action '{}'", req.action)));
+    };
+    if call.role < Some(needed) {
+        let reason = format!("{} requires the {needed:?} role; {} has {:?}", req.action, call.actor.user, call.role);
+        warn!(actor = %call.actor.user, uid = call.actor.uid, action = %req.action, "control request refused");
+        audit.record(
+            SystemTime::now(),
+            Event::ControlDenied(ControlDenied { actor: call.actor.clone(), action: req.action.clone(), target, reason: reason.clone() }),
+        );
+        audit.sync();
+        return Ok(Response::err(Refusal::Refused, reason));
+    }
+    let find = |services: &[PlacedService]| -> Result<usize, Response> {
+        let name = req.service.as_deref().ok_or_else(|| Response::err(Refusal::Invalid, "which service?"))?;
+        services.iter().position(|s| s.spec.name == name).ok_or_else(|| Response::err(Refusal::Invalid, format!("no service '{name}'")))
+    };
+    match req.action.as_str() {
+        "status" => {
+            let stats = dp.stats()?;
+            Ok(Response::ok(json!({
+                "version": env!("CARGO_PKG_VERSION"),
+                "uptime_s": SystemTime::now().duration_since(state.started).unwrap_or_default().as_secs(),
+                "config_generation": state.generation,
+                "services": services.len(),
+                "flows": dp.flows()?.len(),
+                "audit_dir": settings.audit_dir,
+                "counters": lb_common::stat::NAMES.iter().zip(stats).map(|(n, v)| (n.to_string(), v)).collect::<std::collections::BTreeMap<_, _>>(),
+            })))
+        }
+        "services" => Ok(Response::ok(json!(services.iter().map(|s| json!({
+            "name": s.spec.name, "proto": s.spec.proto.name(), "vip": s.spec.vip.to_string(),
+            "backends": s.backends.len(), "in_rotation": s.in_rotation().len(), "generation": s.generation,
+        })).collect::<Vec<_>>()))),
+        "backends" => {
+            let i = match find(services) { Ok(i) => i, Err(r) => return Ok(r) };
+            let s = &services[i];
+            Ok(Response::ok(json!(s.backends.iter().map(|b| json!({
+                "backend": b.addr.to_string(), "weight": b.weight, "health": if b.up { "up" } else { "down" },
+                "drained": b.drained, "snat": b.snat.to_string(),
+                "failures": health.get(&(s.id, b.addr)).map_or(0, |h| h.failures),
+            })).collect::<Vec<_>>())))
+        }
+        "flows" => {
+            let now = clock_ns(libc::CLOCK_MONOTONIC_COARSE);
+            let names: HashMap<u32, &str> = services.iter().map(|s| (s.id, s.spec.name.as_str())).collect();
+            let only = req.service.as_deref();
+            let flows: Vec<_> = dp
+                .flows()?
+                .into_iter()
+                .filter(|p| only.is_none_or(|n| names.get(&p.fwd.service_id) == Some(&n)))
+                .map(|p| {
+                    let k = &p.key;
+                    let proto = if k.proto == lb_common::PROTO_UDP { "udp" } else { "tcp" };
+                    json!({
+                        "flow_id": p.fwd.flow_id, "proto": proto, "service": names.get(&p.fwd.service_id),
+                        "client": socket_addr(k.src, k.af, k.sport).to_string(),
+                        "vip": socket_addr(k.dst, k.af, k.dport).to_string(),
+                        "backend": socket_addr(p.fwd.nat_dst, k.af, p.fwd.nat_dport).to_string(),
+                        "state": if p.fwd.state & flow_state::CLOSED != 0 { "closed" } else { "open" },
+                        "bytes_to_backend": p.fwd.bytes, "bytes_to_client": p.rev.map_or(0, |r| r.bytes),
+                        "idle_s": now.saturating_sub(p.last_seen_ns()) / 1_000_000_000,
+                    })
+                })
+                .collect();
+            Ok(Response::ok(json!(flows)))
+        }
+        "backend.drain" | "backend.undrain" | "backend.weight" => {
+            let i = match find(services) { Ok(i) => i, Err(r) => return Ok(r) };
+            let Some(addr) = req.backend.as_deref().and_then(|b| b.parse::<std::net::SocketAddr>().ok()) else {
+                return Ok(Response::err(Refusal::Invalid, "which backend (IP:PORT)?"));
+            };
+            let Some(b) = services[i].backends.iter().position(|b| b.addr == addr) else {
+                return Ok(Response::err(Refusal::Invalid, format!("{addr} is not a backend of {}", services[i].spec.name)));
+            };
+            let view = |b: &balancer::PlacedBackend| json!({ "weight": b.weight, "drained": b.drained }).to_string();
+            let before = view(&services[i].backends[b]);
+            let mut changed = services[i].backends[b].clone();
+            match req.action.as_str() {
+                "backend.drain" => changed.drained = true,
+                "backend.undrain" => changed.drained = false,
+                _ => match req.weight {
+                    Some(w) if (1..=1000).contains(&w) => changed.weight = w,
+                    _ => return Ok(Response::err(Refusal::Invalid, "weight must be 1 to 1000")),
+                },
+            }
+            let after = view(&changed);
+            // Recorded and durable first; only then applied.
+            audit.record(
+                SystemTime::now(),
+                Event::ConfigChange(ConfigChange {
+                    actor: call.actor.clone(),
+                    action: req.action.clone(),
+                    target: format!("{} {addr}", services[i].spec.name),
+                    before,
+                    after,
+                    generation_before: state.generation,
+                    generation_after: state.generation + 1,
+                }),
+            );
+            audit.sync();
+            if audit.refusing_changes() {
+                return Ok(Response::err(Refusal::Failed, "the audit log cannot record the change (fail-closed)"));
+            }
+            state.generation += 1;
+            if !changed.drained {
+                state.drained_reported.retain(|k| *k != (services[i].id, addr));
+            }
+            services[i].backends[b] = changed;
+            services[i].rebuild(settings.maglev_table_size);
+            dp.update_service(&services[i])?;
+            Ok(Response::ok(json!({ "config_generation": state.generation, "maglev_generation": services[i].generation })))
+        }
+        _ => Ok(Response::err(Refusal::Invalid, format!("unknown action '{}'", req.action))),
+    }
+}
+
+/// Writes `backend_drained` for drained backends whose last flow has closed.
+fn report_drained(dp: &mut Dataplane, services: &[PlacedService], audit: &mut Journal, state: &mut ControlState) -> anyhow::Result<()> {
+    let pending: Vec<(u32, u32, std::net::SocketAddr, String)> = services
+        .iter()
+        .flat_map(|s| s.backends.iter().filter(|b| b.drained).map(move |b| (s.id, b.index, b.addr, s.spec.name.clone())))
+        .filter(|(id, _, addr, _)| !state.drained_reported.contains(&(*id, *addr)))
+        .collect();
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let flows = dp.flows()?;
+    for (id, index, addr, service) in pending {
+        let open = flows.iter().any(|p| p.fwd.backend_idx == index && p.fwd.state & flow_state::CLOSED == 0);
+        if !open {
+            audit.record(SystemTime::now(), Event::BackendDrained(BackendDrained { service, backend: addr }));
+            state.drained_reported.push((id, addr));
         }
     }
     Ok(())

@@ -185,7 +185,7 @@ impl Dataplane {
             HashMap::try_from(self.map(maps::SERVICES)?)?;
         let info = ServiceInfo {
             id: s.id,
-            backend_count: s.backends.iter().filter(|b| b.up).count() as u32,
+            backend_count: s.backends.iter().filter(|b| b.in_rotation()).count() as u32,
             generation: s.generation,
             flags: if s.rules.iter().any(|r| r.allow) { service_flags::DEFAULT_DENY } else { 0 }
                 | if s.rules.is_empty() { 0 } else { service_flags::HAS_RULES },

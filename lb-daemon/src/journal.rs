@@ -116,6 +116,12 @@ impl Journal {
         }
     }
 
+    /// Whether a change must be refused because it could not be recorded (fail-closed with a
+    /// log that cannot be written).
+    pub fn refusing_changes(&self) -> bool {
+        self.policy == FailurePolicy::FailClosed && self.failure.is_some()
+    }
+
     /// Brings the data plane in line with the policy: refuse new flows while a fail-closed log
     /// cannot be written.
     pub fn apply(&mut self, dp: &mut Dataplane) -> anyhow::Result<()> {

@@ -4,6 +4,7 @@
 //! Modules, one per concern:
 //! - [`config`]: command-line flags and the effective configuration;
 //! - [`balancer`]: service/backend placement and the weighted Maglev table;
+//! - [`control`]: the control socket: caller identity (SO_PEERCRED), roles, requests;
 //! - [`dataplane`]: loading the eBPF object, writing its maps, reading flows and records;
 //! - [`health`]: active TCP/UDP/HTTP checks with rise/fall;
 //! - [`neighbors`]: keeping backends' link-layer addresses resolved for the XDP FIB lookup;
@@ -13,6 +14,7 @@
 pub mod audit;
 pub mod balancer;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod dataplane;
 pub mod health;

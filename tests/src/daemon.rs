@@ -124,10 +124,15 @@ impl Daemon {
     /// As [`Daemon::spawn`]; each stderr line is also printed with `echo_prefix` when given.
     pub fn spawn_with(ns: &str, args: &[String], echo_prefix: Option<&str>) -> Result<Daemon> {
         let exe = bin("lb-daemon")?;
+        // Daemons of tests running in parallel each get a control socket of their own.
+        let mut args = args.to_vec();
+        if !args.iter().any(|a| a.starts_with("--control-socket")) {
+            args.push(format!("--control-socket=/run/lb-tests/{ns}.sock"));
+        }
         let mut child = Command::new("ip")
             .args(["netns", "exec", ns])
             .arg(&exe)
-            .args(args)
+            .args(&args)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

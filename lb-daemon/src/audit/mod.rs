@@ -22,7 +22,7 @@ use anyhow::{Context as _, bail};
 use tracing::warn;
 
 pub use record::{
-    Actor, Alert, Checkpoint, CloseReason, ConfigChange, ConnClose, ConnDeny, ConnOpen,
+    Actor, Alert, BackendDrained, Checkpoint, CloseReason, ConfigChange, ConnClose, ConnDeny, ConnOpen,
     ControlDenied, DaemonStart, DaemonStop, DenyReason, Event, HealthChange, Loss, Proto, Record,
     Recovery, SegmentDeleted, record_to_json, rfc3339,
 };

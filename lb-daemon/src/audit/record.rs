@@ -216,6 +216,14 @@ pub enum Event {
     ControlDenied(ControlDenied),
     Alert(Alert),
     SegmentDeleted(SegmentDeleted),
+    BackendDrained(BackendDrained),
+}
+
+/// A drained backend's last flow has closed: it can be taken away.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct BackendDrained {
+    pub service: String,
+    pub backend: SocketAddr,
 }
 
 /// A segment removed by retention (`--audit-retain-*`).
@@ -246,6 +254,7 @@ impl Event {
             Event::ControlDenied(_) => "control_denied",
             Event::Alert(_) => "alert",
             Event::SegmentDeleted(_) => "segment_deleted",
+            Event::BackendDrained(_) => "backend_drained",
         }
     }
 }
@@ -327,6 +336,7 @@ pub fn record_to_json(r: &Record) -> Value {
             "actor": actor(&c.actor), "action": c.action, "target": c.target, "reason": c.reason,
         }),
         Event::Alert(a) => json!({ "rule": a.rule, "source": a.source, "message": a.message, "action": a.action }),
+        Event::BackendDrained(d) => json!({ "service": d.service, "backend": d.backend.to_string() }),
         Event::SegmentDeleted(d) => json!({
             "segment": d.index, "first_seq": d.first_seq, "last_seq": d.last_seq, "bytes": d.bytes, "reason": d.reason,
         }),

@@ -380,6 +380,7 @@ fn text_line(rec: &Record) -> String {
         Event::HealthChange(h) => format!("{} {} {} → {}", h.service, h.backend, h.from, h.to),
         Event::ControlDenied(c) => format!("{} {} by {} (uid {}): {}", c.action, c.target, c.actor.user, c.actor.uid, c.reason),
         Event::Alert(a) => format!("{}: {}", a.rule, a.message),
+        Event::BackendDrained(d) => format!("{} {} has no flow left", d.service, d.backend),
         Event::SegmentDeleted(d) => format!("segment {} (seq {}..{}, {} bytes) deleted by retention ({})", d.index, d.first_seq, d.last_seq, d.bytes, d.reason),
         Event::DaemonStop(d) => format!("reason {}", d.reason),
         Event::ConnOpen(o) => format!(
