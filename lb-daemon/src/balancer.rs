@@ -174,7 +174,7 @@ mod tests {
     use super::*;
 
     fn backend(i: u32, addr: &str, weight: u32) -> PlacedBackend {
-        PlacedBackend { index: i, addr: addr.parse().unwrap(), weight, snat: "10.0.0.1".parse().unwrap(), up: true }
+        PlacedBackend { index: i, addr: addr.parse().unwrap(), weight, snat: "10.0.0.1".parse().unwrap(), up: true, drained: false }
     }
 
     #[test]

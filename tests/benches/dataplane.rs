@@ -78,6 +78,8 @@ fn load(services: Vec<ServiceSpec>, snat_ports: (u16, u16), conntrack: u32) -> D
         snat_ports,
         audit_dir: "/nonexistent".into(),
         audit: Default::default(),
+        control_socket: "/nonexistent".into(),
+        roles: vec![],
         tcp_idle_timeout: Duration::from_secs(300),
         udp_idle_timeout: Duration::from_secs(30),
         closed_linger: Duration::from_secs(10),

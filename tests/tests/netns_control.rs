@@ -124,4 +124,29 @@ fn roles_are_enforced_and_a_drain_is_proven() {
         .collect();
     assert_eq!(during.len(), 30);
     assert!(during.iter().all(|o| o["backend"] != a2.to_string()));
+
+    // The log alone says what the configuration was, now and at the drain.
+    let backend2 = |cfg: &serde_json::Value| {
+        cfg["services"][0]["backends"].as_array().unwrap().iter().find(|b| b["addr"] == a2.to_string()).unwrap().clone()
+    };
+    let now = config_at(&audit, None);
+    assert_eq!((backend2(&now)["weight"].as_u64(), backend2(&now)["drained"].as_bool()), (Some(5), Some(false)));
+    assert_eq!(now["config_generation"], 4);
+    let at_drain = config_at(&audit, changes[0]["time"].as_str());
+    assert_eq!((backend2(&at_drain)["weight"].as_u64(), backend2(&at_drain)["drained"].as_bool()), (Some(2), Some(true)));
+    let at_start = config_at(&audit, log[0]["time"].as_str());
+    assert_eq!(at_start["config_generation"], 1);
+    assert!(backend2(&at_start)["drained"].is_null(), "nothing drained at start");
+}
+
+/// `lb-audit config --at` rebuilds, from the log alone, what the daemon had at each moment.
+fn config_at(audit: &Path, at: Option<&str>) -> serde_json::Value {
+    let mut cmd = Command::new(lb_tests::bin("lb-audit").unwrap());
+    cmd.arg("config").arg(audit);
+    if let Some(t) = at {
+        cmd.args(["--at", t]);
+    }
+    let o = cmd.output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
 }

@@ -89,6 +89,8 @@ fn settings(services: Vec<ServiceSpec>, maglev: u32) -> Settings {
         snat_ports: (SNAT_PORT, SNAT_PORT + SNAT_PORTS - 1),
         audit_dir: "/nonexistent".into(),
         audit: Default::default(),
+        control_socket: "/nonexistent".into(),
+        roles: vec![],
         tcp_idle_timeout: Duration::from_secs(300),
         udp_idle_timeout: Duration::from_secs(30),
         closed_linger: Duration::from_secs(10),

@@ -47,6 +47,14 @@ enum Command {
         #[command(flatten)]
         filter: FilterArgs,
     },
+    /// The configuration in force at a moment, rebuilt from the log alone: the last
+    /// `daemon_start` before it, with every `config_change` after that applied.
+    Config {
+        dir: PathBuf,
+        /// RFC 3339, or a time ago like 15m (default: now).
+        #[arg(long)]
+        at: Option<String>,
+    },
     /// Summaries: top clients, flows and bytes per backend, refusals by reason and rule, new
     /// flows per minute.
     Stats {
@@ -152,6 +160,7 @@ fn main() -> ExitCode {
         Command::Verify { dir, key } => return verify_cmd(&dir, key.as_deref()),
         Command::Read { dir, format, filter } => filter.build().map_err(usage).and_then(|f| read(&dir, format, &f)),
         Command::Follow { dir, format, filter } => filter.build().map_err(usage).and_then(|f| follow(&dir, format, &f)),
+        Command::Config { dir, at } => config_at(&dir, at.as_deref()),
         Command::Stats { dir, filter, top } => filter.build().map_err(usage).and_then(|f| stats(&dir, &f, top)),
     };
     match result {
@@ -287,6 +296,58 @@ fn follow(dir: &std::path::Path, format: Format, filter: &Filter) -> anyhow::Res
             continue;
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+fn config_at(dir: &std::path::Path, at: Option<&str>) -> anyhow::Result<()> {
+    let at_ns = match at {
+        Some(t) => filter::parse_instant(t, std::time::SystemTime::now()).map_err(usage).context("--at")?,
+        None => i64::MAX,
+    };
+    let mut config: Option<serde_json::Value> = None;
+    let mut generation = 0u64;
+    for rec in AuditReader::open(dir)? {
+        let rec = rec?;
+        if rec.time_ns > at_ns {
+            break;
+        }
+        match &rec.event {
+            Event::DaemonStart(d) => {
+                config = Some(serde_json::from_str(&d.config).context("daemon_start holds no JSON configuration")?);
+                generation = 1;
+            }
+            Event::ConfigChange(c) => {
+                if let Some(cfg) = &mut config {
+                    apply_change(cfg, &c.action, &c.target, &c.after);
+                    generation = c.generation_after;
+                }
+            }
+            _ => {}
+        }
+    }
+    let Some(mut config) = config else {
+        anyhow::bail!("no daemon_start at or before that time");
+    };
+    config["config_generation"] = generation.into();
+    println!("{}", serde_json::to_string_pretty(&config)?);
+    Ok(())
+}
+
+/// Applies one recorded change to the configuration it was made on. Backend changes have the
+/// target `SERVICE IP:PORT` and an `after` of the backend's changed fields.
+fn apply_change(cfg: &mut serde_json::Value, action: &str, target: &str, after: &str) {
+    let Some((service, backend)) = target.split_once(' ') else { return };
+    let Ok(after) = serde_json::from_str::<serde_json::Value>(after) else { return };
+    if !action.starts_with("backend.") {
+        return;
+    }
+    let Some(services) = cfg["services"].as_array_mut() else { return };
+    for s in services.iter_mut().filter(|s| s["name"] == service) {
+        for b in s["backends"].as_array_mut().into_iter().flatten().filter(|b| b["addr"] == backend) {
+            for (k, v) in after.as_object().into_iter().flatten() {
+                b[k] = v.clone();
+            }
+        }
     }
 }
 
