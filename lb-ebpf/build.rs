@@ -9,6 +9,8 @@ fn main() {
         .map(|p| std::env::split_paths(&p).any(|d| d.join("bpf-linker").is_file()))
         .unwrap_or(false);
     if !found {
-        panic!("bpf-linker is not installed: run `cargo xtask setup` (it installs the linker matching the nightly toolchain's LLVM)");
+        panic!(
+            "bpf-linker is not installed: run `cargo xtask setup` (it installs the linker matching the nightly toolchain's LLVM)"
+        );
     }
 }

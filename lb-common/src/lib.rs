@@ -472,7 +472,8 @@ pub mod addr {
                 let o = v6.octets();
                 let mut w = [0u32; 4];
                 for (i, word) in w.iter_mut().enumerate() {
-                    *word = u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]);
+                    *word =
+                        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]);
                 }
                 (w, AF_INET6)
             }

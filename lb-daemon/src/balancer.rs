@@ -72,24 +72,49 @@ pub fn place(settings: &Settings) -> anyhow::Result<Vec<PlacedService>> {
     for (id, spec) in settings.services.iter().enumerate() {
         let mut backends = Vec::new();
         for b in &spec.backends {
-            let snat = match settings.snat_ips.iter().find(|ip| ip.is_ipv4() == b.addr.is_ipv4()) {
+            let snat = match settings
+                .snat_ips
+                .iter()
+                .find(|ip| ip.is_ipv4() == b.addr.is_ipv4())
+            {
                 Some(ip) => *ip,
                 None => route_source(b.addr).with_context(|| {
-                    format!("--backend {}={}: cannot find a source address towards it (give --snat-ip)", spec.name, b.addr)
+                    format!(
+                        "--backend {}={}: cannot find a source address towards it (give --snat-ip)",
+                        spec.name, b.addr
+                    )
                 })?,
             };
-            backends.push(PlacedBackend { index: next_backend, addr: b.addr, weight: b.weight, snat, up: true, drained: false });
+            backends.push(PlacedBackend {
+                index: next_backend,
+                addr: b.addr,
+                weight: b.weight,
+                snat,
+                up: true,
+                drained: false,
+            });
             next_backend += 1;
         }
         let mut rules = Vec::new();
         for (nets, allow) in [(&spec.allow, true), (&spec.deny, false)] {
             for net in nets {
-                rules.push(PlacedRule { id: next_rule, net: *net, allow });
+                rules.push(PlacedRule {
+                    id: next_rule,
+                    net: *net,
+                    allow,
+                });
                 next_rule += 1;
             }
         }
         let table = maglev_table(&backends, settings.maglev_table_size);
-        out.push(PlacedService { id: id as u32, spec: spec.clone(), backends, generation: 1, table, rules });
+        out.push(PlacedService {
+            id: id as u32,
+            spec: spec.clone(),
+            backends,
+            generation: 1,
+            table,
+            rules,
+        });
     }
     Ok(out)
 }
@@ -97,7 +122,11 @@ pub fn place(settings: &Settings) -> anyhow::Result<Vec<PlacedService>> {
 impl PlacedService {
     /// The backends that receive new flows.
     pub fn in_rotation(&self) -> Vec<PlacedBackend> {
-        self.backends.iter().filter(|b| b.in_rotation()).cloned().collect()
+        self.backends
+            .iter()
+            .filter(|b| b.in_rotation())
+            .cloned()
+            .collect()
     }
 
     /// Rebuilds the Maglev table from the backends in rotation, as a new generation.
@@ -109,7 +138,11 @@ impl PlacedService {
 
 /// The local address the kernel would use to reach `addr` (no packet is sent).
 fn route_source(addr: SocketAddr) -> anyhow::Result<IpAddr> {
-    let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0".parse()? } else { "[::]:0".parse()? };
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
     let sock = UdpSocket::bind(bind)?;
     sock.connect(addr)?;
     let ip = sock.local_addr()?.ip();
@@ -166,7 +199,9 @@ pub fn maglev_table(backends: &[PlacedBackend], size: u32) -> Vec<u32> {
 
 /// FNV-1a, 64-bit, with a chosen basis: stable across hosts and releases.
 fn fnv1a(data: &[u8], basis: u64) -> u64 {
-    data.iter().fold(basis, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
+    data.iter().fold(basis, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 #[cfg(test)]
@@ -174,12 +209,23 @@ mod tests {
     use super::*;
 
     fn backend(i: u32, addr: &str, weight: u32) -> PlacedBackend {
-        PlacedBackend { index: i, addr: addr.parse().unwrap(), weight, snat: "10.0.0.1".parse().unwrap(), up: true, drained: false }
+        PlacedBackend {
+            index: i,
+            addr: addr.parse().unwrap(),
+            weight,
+            snat: "10.0.0.1".parse().unwrap(),
+            up: true,
+            drained: false,
+        }
     }
 
     #[test]
     fn weights_are_respected() {
-        let bs = [backend(0, "10.0.2.2:80", 1), backend(1, "10.0.3.2:80", 2), backend(2, "10.0.4.2:80", 1)];
+        let bs = [
+            backend(0, "10.0.2.2:80", 1),
+            backend(1, "10.0.3.2:80", 2),
+            backend(2, "10.0.4.2:80", 1),
+        ];
         let t = maglev_table(&bs, 65537);
         let share = |i| t.iter().filter(|&&x| x == i).count() as f64 / t.len() as f64;
         assert!((share(0) - 0.25).abs() < 0.01, "{}", share(0));
@@ -189,13 +235,25 @@ mod tests {
 
     #[test]
     fn table_is_independent_of_order_and_removal_moves_little() {
-        let a = [backend(0, "10.0.2.2:80", 1), backend(1, "10.0.3.2:80", 1), backend(2, "10.0.4.2:80", 1)];
-        let b = [backend(2, "10.0.4.2:80", 1), backend(0, "10.0.2.2:80", 1), backend(1, "10.0.3.2:80", 1)];
+        let a = [
+            backend(0, "10.0.2.2:80", 1),
+            backend(1, "10.0.3.2:80", 1),
+            backend(2, "10.0.4.2:80", 1),
+        ];
+        let b = [
+            backend(2, "10.0.4.2:80", 1),
+            backend(0, "10.0.2.2:80", 1),
+            backend(1, "10.0.3.2:80", 1),
+        ];
         assert_eq!(maglev_table(&a, 4093), maglev_table(&b, 4093));
         let fewer = [a[0].clone(), a[1].clone()];
         let (t3, t2) = (maglev_table(&a, 4093), maglev_table(&fewer, 4093));
         // Slots that did not belong to the removed backend mostly stay where they were.
-        let kept = t3.iter().zip(&t2).filter(|(x, y)| **x != 2 && x == y).count();
+        let kept = t3
+            .iter()
+            .zip(&t2)
+            .filter(|(x, y)| **x != 2 && x == y)
+            .count();
         let others = t3.iter().filter(|x| **x != 2).count();
         assert!(kept as f64 / others as f64 > 0.9, "{kept}/{others}");
     }

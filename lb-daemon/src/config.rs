@@ -197,16 +197,25 @@ impl std::str::FromStr for Cidr {
             Some((a, l)) => (a, Some(l)),
             None => (s, None),
         };
-        let addr: IpAddr = addr.parse().map_err(|_| format!("'{s}' is not an address or CIDR"))?;
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("'{s}' is not an address or CIDR"))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let len = match len {
-            Some(l) => l.parse::<u8>().ok().filter(|l| *l <= max).ok_or_else(|| format!("'{s}': prefix length must be 0-{max}"))?,
+            Some(l) => l
+                .parse::<u8>()
+                .ok()
+                .filter(|l| *l <= max)
+                .ok_or_else(|| format!("'{s}': prefix length must be 0-{max}"))?,
             None => max,
         };
         let c = Cidr { addr, len };
         // Host bits set (10.1.2.3/16) are almost always a typo for the network: refuse them.
         if !c.contains(addr) || c.network() != addr {
-            return Err(format!("'{s}': address has bits set beyond the prefix (did you mean {}/{len}?)", c.network()));
+            return Err(format!(
+                "'{s}': address has bits set beyond the prefix (did you mean {}/{len}?)",
+                c.network()
+            ));
         }
         Ok(c)
     }
@@ -216,8 +225,12 @@ impl Cidr {
     /// The address with the bits beyond the prefix cleared.
     pub fn network(&self) -> IpAddr {
         match self.addr {
-            IpAddr::V4(a) => IpAddr::V4((u32::from(a) & u32::MAX.checked_shl(32 - self.len as u32).unwrap_or(0)).into()),
-            IpAddr::V6(a) => IpAddr::V6((u128::from(a) & u128::MAX.checked_shl(128 - self.len as u32).unwrap_or(0)).into()),
+            IpAddr::V4(a) => IpAddr::V4(
+                (u32::from(a) & u32::MAX.checked_shl(32 - self.len as u32).unwrap_or(0)).into(),
+            ),
+            IpAddr::V6(a) => IpAddr::V6(
+                (u128::from(a) & u128::MAX.checked_shl(128 - self.len as u32).unwrap_or(0)).into(),
+            ),
         }
     }
 }
@@ -287,7 +300,10 @@ impl Default for AuditSettings {
     }
 }
 
-fn fsync_name<S: serde::Serializer>(p: &crate::audit::FsyncPolicy, s: S) -> Result<S::Ok, S::Error> {
+fn fsync_name<S: serde::Serializer>(
+    p: &crate::audit::FsyncPolicy,
+    s: S,
+) -> Result<S::Ok, S::Error> {
     s.serialize_str(&match p {
         crate::audit::FsyncPolicy::Always => "always".to_string(),
         crate::audit::FsyncPolicy::Never => "never".to_string(),
@@ -336,8 +352,16 @@ impl Args {
             if services.iter().any(|o| o.name == s.name) {
                 bail!("--service {}: service name declared twice", s.name);
             }
-            if let Some(o) = services.iter().find(|o| o.vip == s.vip && o.proto == s.proto) {
-                bail!("--service {}: {} is already service '{}'", s.name, s.vip, o.name);
+            if let Some(o) = services
+                .iter()
+                .find(|o| o.vip == s.vip && o.proto == s.proto)
+            {
+                bail!(
+                    "--service {}: {} is already service '{}'",
+                    s.name,
+                    s.vip,
+                    o.name
+                );
             }
             services.push(ServiceSpec {
                 name: s.name,
@@ -351,44 +375,86 @@ impl Args {
             });
         }
         if services.len() > lb_common::MAX_SERVICES as usize {
-            bail!("--service: at most {} services are supported", lb_common::MAX_SERVICES);
+            bail!(
+                "--service: at most {} services are supported",
+                lb_common::MAX_SERVICES
+            );
         }
         for b in self.backends {
             let Some(svc) = services.iter_mut().find(|s| s.name == b.service) else {
                 bail!(
                     "--backend {}={}: unknown service '{}' (declare it with --service)",
-                    b.service, b.addr, b.service
+                    b.service,
+                    b.addr,
+                    b.service
                 );
             };
             if b.addr.is_ipv4() != svc.vip.is_ipv4() {
-                bail!("--backend {}={}: address family differs from the service's VIP {}", b.service, b.addr, svc.vip);
+                bail!(
+                    "--backend {}={}: address family differs from the service's VIP {}",
+                    b.service,
+                    b.addr,
+                    svc.vip
+                );
             }
             if svc.backends.iter().any(|o| o.addr == b.addr) {
                 bail!("--backend {}={}: backend listed twice", b.service, b.addr);
             }
-            svc.backends.push(BackendSpec { addr: b.addr, weight: b.weight });
+            svc.backends.push(BackendSpec {
+                addr: b.addr,
+                weight: b.weight,
+            });
         }
-        for (flag, rules, allow) in [("--allow", &self.allow, true), ("--deny", &self.deny, false)] {
+        for (flag, rules, allow) in [
+            ("--allow", &self.allow, true),
+            ("--deny", &self.deny, false),
+        ] {
             for r in rules {
                 let Some(svc) = services.iter_mut().find(|s| s.name == r.service) else {
-                    bail!("{flag} {}={}: unknown service '{}' (declare it with --service)", r.service, r.net, r.service);
+                    bail!(
+                        "{flag} {}={}: unknown service '{}' (declare it with --service)",
+                        r.service,
+                        r.net,
+                        r.service
+                    );
                 };
                 if r.net.addr.is_ipv4() != svc.vip.is_ipv4() {
-                    bail!("{flag} {}={}: address family differs from the service's VIP {}", r.service, r.net, svc.vip);
+                    bail!(
+                        "{flag} {}={}: address family differs from the service's VIP {}",
+                        r.service,
+                        r.net,
+                        svc.vip
+                    );
                 }
                 if svc.allow.contains(&r.net) || svc.deny.contains(&r.net) {
-                    bail!("{flag} {}={}: a rule for this prefix already exists", r.service, r.net);
+                    bail!(
+                        "{flag} {}={}: a rule for this prefix already exists",
+                        r.service,
+                        r.net
+                    );
                 }
-                if allow { svc.allow.push(r.net) } else { svc.deny.push(r.net) }
+                if allow {
+                    svc.allow.push(r.net)
+                } else {
+                    svc.deny.push(r.net)
+                }
             }
         }
         let rules: usize = services.iter().map(|s| s.allow.len() + s.deny.len()).sum();
         if rules > lb_common::MAX_ACL_RULES as usize {
-            bail!("--allow/--deny: at most {} rules are supported", lb_common::MAX_ACL_RULES);
+            bail!(
+                "--allow/--deny: at most {} rules are supported",
+                lb_common::MAX_ACL_RULES
+            );
         }
         for r in self.rate_limits {
             let Some(svc) = services.iter_mut().find(|s| s.name == r.service) else {
-                bail!("--rate-limit {}={}/s: unknown service '{}' (declare it with --service)", r.service, r.per_sec, r.service);
+                bail!(
+                    "--rate-limit {}={}/s: unknown service '{}' (declare it with --service)",
+                    r.service,
+                    r.per_sec,
+                    r.service
+                );
             };
             if svc.rate_limit.replace(r.per_sec).is_some() {
                 bail!("--rate-limit {}: given twice", r.service);
@@ -404,7 +470,10 @@ impl Args {
         }
         let total: usize = services.iter().map(|s| s.backends.len()).sum();
         if total > lb_common::MAX_BACKENDS as usize {
-            bail!("--backend: at most {} backends are supported", lb_common::MAX_BACKENDS);
+            bail!(
+                "--backend: at most {} backends are supported",
+                lb_common::MAX_BACKENDS
+            );
         }
         if self.snat_ips.iter().filter(|ip| ip.is_ipv4()).count() > 1
             || self.snat_ips.iter().filter(|ip| ip.is_ipv6()).count() > 1
@@ -454,7 +523,9 @@ fn default_snat_ports() -> anyhow::Result<(u16, u16)> {
         .and_then(|s| s.parse().ok())
         .with_context(|| format!("unexpected content in {PATH}: {text:?}"))?;
     if lo <= 2048 {
-        bail!("--snat-ports: the host's ephemeral range starts at {lo}; give a SNAT range explicitly");
+        bail!(
+            "--snat-ports: the host's ephemeral range starts at {lo}; give a SNAT range explicitly"
+        );
     }
     Ok((1024, lo - 1))
 }
@@ -462,7 +533,9 @@ fn default_snat_ports() -> anyhow::Result<(u16, u16)> {
 fn parse_service(s: &str) -> Result<ServiceFlag, String> {
     let (name, rest) = s.split_once('=').ok_or("expected NAME=tcp|udp:IP:PORT")?;
     check_name(name)?;
-    let (proto, addr) = rest.split_once(':').ok_or("expected NAME=tcp|udp:IP:PORT")?;
+    let (proto, addr) = rest
+        .split_once(':')
+        .ok_or("expected NAME=tcp|udp:IP:PORT")?;
     let proto = match proto {
         "tcp" => Proto::Tcp,
         "udp" => Proto::Udp,
@@ -477,11 +550,17 @@ fn parse_service(s: &str) -> Result<ServiceFlag, String> {
     if vip.port() == 0 {
         return Err("port 0 is not a valid service port".into());
     }
-    Ok(ServiceFlag { name: name.to_string(), proto, vip })
+    Ok(ServiceFlag {
+        name: name.to_string(),
+        proto,
+        vip,
+    })
 }
 
 fn parse_backend(s: &str) -> Result<BackendFlag, String> {
-    let (service, rest) = s.split_once('=').ok_or("expected SERVICE=IP:PORT[,weight=N]")?;
+    let (service, rest) = s
+        .split_once('=')
+        .ok_or("expected SERVICE=IP:PORT[,weight=N]")?;
     check_name(service)?;
     let mut parts = rest.split(',');
     let addr_text = parts.next().unwrap_or_default();
@@ -501,25 +580,47 @@ fn parse_backend(s: &str) -> Result<BackendFlag, String> {
                     .filter(|w| (1..=1000).contains(w))
                     .ok_or_else(|| format!("weight '{w}' is not an integer from 1 to 1000"))?;
             }
-            _ => return Err(format!("unknown backend option '{opt}' (expected weight=N)")),
+            _ => {
+                return Err(format!(
+                    "unknown backend option '{opt}' (expected weight=N)"
+                ));
+            }
         }
     }
-    Ok(BackendFlag { service: service.to_string(), addr, weight })
+    Ok(BackendFlag {
+        service: service.to_string(),
+        addr,
+        weight,
+    })
 }
 
 fn parse_iface(s: &str) -> Result<String, String> {
-    let ok = !s.is_empty() && s.len() < 16 && !s.contains(['/', ':']) && !s.chars().any(char::is_whitespace) && s != "." && s != "..";
-    if ok { Ok(s.to_string()) } else { Err(format!("'{s}' is not a valid interface name")) }
+    let ok = !s.is_empty()
+        && s.len() < 16
+        && !s.contains(['/', ':'])
+        && !s.chars().any(char::is_whitespace)
+        && s != "."
+        && s != "..";
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!("'{s}' is not a valid interface name"))
+    }
 }
 
 fn parse_acl(s: &str) -> Result<AclFlag, String> {
     let (service, net) = s.split_once('=').ok_or("expected SERVICE=CIDR")?;
     check_name(service)?;
-    Ok(AclFlag { service: service.to_string(), net: net.parse()? })
+    Ok(AclFlag {
+        service: service.to_string(),
+        net: net.parse()?,
+    })
 }
 
 fn parse_health(s: &str) -> Result<(String, crate::health::CheckSpec), String> {
-    let (service, spec) = s.split_once('=').ok_or("expected SERVICE=CHECK, e.g. web=tcp,interval=2s")?;
+    let (service, spec) = s
+        .split_once('=')
+        .ok_or("expected SERVICE=CHECK, e.g. web=tcp,interval=2s")?;
     check_name(service)?;
     Ok((service.to_string(), spec.parse()?))
 }
@@ -527,44 +628,62 @@ fn parse_health(s: &str) -> Result<(String, crate::health::CheckSpec), String> {
 fn parse_rate(s: &str) -> Result<RateFlag, String> {
     let (service, rate) = s.split_once('=').ok_or("expected SERVICE=N/s")?;
     check_name(service)?;
-    let n = rate.strip_suffix("/s").ok_or_else(|| format!("'{rate}': expected N/s, e.g. 200/s"))?;
+    let n = rate
+        .strip_suffix("/s")
+        .ok_or_else(|| format!("'{rate}': expected N/s, e.g. 200/s"))?;
     let per_sec = n
         .parse::<u32>()
         .ok()
         .filter(|n| (1..=10_000_000).contains(n))
         .ok_or_else(|| format!("'{n}' is not a rate from 1 to 10000000 per second"))?;
-    Ok(RateFlag { service: service.to_string(), per_sec })
+    Ok(RateFlag {
+        service: service.to_string(),
+        per_sec,
+    })
 }
 
 fn parse_table_size(s: &str) -> Result<u32, String> {
     let n: u32 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
     if !(251..=1_000_003).contains(&n) || !is_prime(n) {
-        return Err(format!("{n} is not a prime between 251 and 1000003 (e.g. 65537, 655373)"));
+        return Err(format!(
+            "{n} is not a prime between 251 and 1000003 (e.g. 65537, 655373)"
+        ));
     }
     Ok(n)
 }
 
 fn is_prime(n: u32) -> bool {
-    n >= 2 && (2..).take_while(|d: &u32| d * d <= n).all(|d| n % d != 0)
+    n >= 2
+        && (2..)
+            .take_while(|d: &u32| d * d <= n)
+            .all(|d| !n.is_multiple_of(d))
 }
 
 fn check_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
     if ok {
         Ok(())
     } else {
-        Err(format!("'{name}' is not a valid name (1-64 of A-Z a-z 0-9 . _ -)"))
+        Err(format!(
+            "'{name}' is not a valid name (1-64 of A-Z a-z 0-9 . _ -)"
+        ))
     }
 }
 
 fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
-    let (lo, hi) = s.split_once('-').ok_or("expected LO-HI, e.g. 10000-29999")?;
+    let (lo, hi) = s
+        .split_once('-')
+        .ok_or("expected LO-HI, e.g. 10000-29999")?;
     let lo: u16 = lo.parse().map_err(|_| format!("'{lo}' is not a port"))?;
     let hi: u16 = hi.parse().map_err(|_| format!("'{hi}' is not a port"))?;
     if lo == 0 || hi < lo {
-        return Err(format!("{lo}-{hi} is not a non-empty range of non-zero ports"));
+        return Err(format!(
+            "{lo}-{hi} is not a non-empty range of non-zero ports"
+        ));
     }
     Ok((lo, hi))
 }
@@ -573,7 +692,9 @@ fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a duration (e.g. 300s, 5m, 250ms)"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration (e.g. 300s, 5m, 250ms)"))?;
     let d = match unit {
         "ms" => Duration::from_millis(n),
         "" | "s" => Duration::from_secs(n),
@@ -589,7 +710,13 @@ mod tests {
     use super::*;
 
     fn settings(args: &[&str]) -> anyhow::Result<Settings> {
-        let mut v = vec!["lb-daemon", "--iface", "eth0", "--snat-ports", "10000-20000"];
+        let mut v = vec![
+            "lb-daemon",
+            "--iface",
+            "eth0",
+            "--snat-ports",
+            "10000-20000",
+        ];
         v.extend_from_slice(args);
         Args::try_parse_from(v)?.into_settings()
     }
@@ -597,9 +724,12 @@ mod tests {
     #[test]
     fn services_and_weighted_backends() {
         let s = settings(&[
-            "--service", "web=tcp:10.0.0.100:80",
-            "--backend", "web=10.0.2.2:8080",
-            "--backend", "web=10.0.3.2:8080,weight=2",
+            "--service",
+            "web=tcp:10.0.0.100:80",
+            "--backend",
+            "web=10.0.2.2:8080",
+            "--backend",
+            "web=10.0.3.2:8080,weight=2",
         ])
         .unwrap();
         assert_eq!(s.services.len(), 1);
@@ -609,39 +739,84 @@ mod tests {
 
     #[test]
     fn errors_name_the_flag() {
-        let e = settings(&["--service", "web=tcp:10.0.0.100:80", "--backend", "db=10.0.2.2:5432"])
+        let e = settings(&[
+            "--service",
+            "web=tcp:10.0.0.100:80",
+            "--backend",
+            "db=10.0.2.2:5432",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("--backend") && e.contains("unknown service 'db'"),
+            "{e}"
+        );
+        let e = settings(&["--service", "web=tcp:10.0.0.300:80"])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("--backend") && e.contains("unknown service 'db'"), "{e}");
-        let e = settings(&["--service", "web=tcp:10.0.0.300:80"]).unwrap_err().to_string();
-        assert!(e.contains("--service") && e.contains("10.0.0.300:80"), "{e}");
-        let e = settings(&["--service", "web=tcp:10.0.0.1:80", "--backend", "web=10.0.2.2:80,weight=0"])
-            .unwrap_err()
-            .to_string();
+        assert!(
+            e.contains("--service") && e.contains("10.0.0.300:80"),
+            "{e}"
+        );
+        let e = settings(&[
+            "--service",
+            "web=tcp:10.0.0.1:80",
+            "--backend",
+            "web=10.0.2.2:80,weight=0",
+        ])
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("--backend") && e.contains("weight"), "{e}");
     }
 
     #[test]
     fn acl_rate_and_ipv6() {
         let s = settings(&[
-            "--service", "web6=tcp:[fd00::100]:80",
-            "--backend", "web6=[fd00:2::2]:8080",
-            "--service", "dns=udp:10.0.0.100:53",
-            "--allow", "dns=10.1.0.0/16",
-            "--deny", "dns=10.1.2.0/24",
-            "--rate-limit", "dns=200/s",
+            "--service",
+            "web6=tcp:[fd00::100]:80",
+            "--backend",
+            "web6=[fd00:2::2]:8080",
+            "--service",
+            "dns=udp:10.0.0.100:53",
+            "--allow",
+            "dns=10.1.0.0/16",
+            "--deny",
+            "dns=10.1.2.0/24",
+            "--rate-limit",
+            "dns=200/s",
         ])
         .unwrap();
         assert_eq!(s.services[1].allow.len(), 1);
         assert_eq!(s.services[1].rate_limit, Some(200));
-        let e = settings(&["--service", "web=tcp:10.0.0.1:80", "--allow", "web=10.1.2.3/16"]).unwrap_err().to_string();
+        let e = settings(&[
+            "--service",
+            "web=tcp:10.0.0.1:80",
+            "--allow",
+            "web=10.1.2.3/16",
+        ])
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("--allow") && e.contains("10.1.0.0/16"), "{e}");
-        let e = settings(&["--service", "web=tcp:10.0.0.1:80", "--deny", "web=fd00::/8"]).unwrap_err().to_string();
+        let e = settings(&["--service", "web=tcp:10.0.0.1:80", "--deny", "web=fd00::/8"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--deny") && e.contains("family"), "{e}");
-        let e = settings(&["--service", "web=tcp:10.0.0.1:80", "--rate-limit", "web=fast"]).unwrap_err().to_string();
+        let e = settings(&[
+            "--service",
+            "web=tcp:10.0.0.1:80",
+            "--rate-limit",
+            "web=fast",
+        ])
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("--rate-limit"), "{e}");
         assert!(settings(&["--maglev-table-size", "65536"]).is_err());
-        assert_eq!(settings(&["--maglev-table-size", "4093"]).unwrap().maglev_table_size, 4093);
+        assert_eq!(
+            settings(&["--maglev-table-size", "4093"])
+                .unwrap()
+                .maglev_table_size,
+            4093
+        );
     }
 
     #[test]

@@ -52,7 +52,9 @@ pub enum Principal {
 impl FromStr for RoleGrant {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (role, who) = s.split_once('=').ok_or("expected ROLE=user:NAME or ROLE=group:NAME")?;
+        let (role, who) = s
+            .split_once('=')
+            .ok_or("expected ROLE=user:NAME or ROLE=group:NAME")?;
         let role = match role {
             "admin" => Role::Admin,
             "operator" => Role::Operator,
@@ -107,10 +109,20 @@ pub struct Response {
 
 impl Response {
     pub fn ok(data: Value) -> Response {
-        Response { ok: true, data: Some(data), error: None, code: None }
+        Response {
+            ok: true,
+            data: Some(data),
+            error: None,
+            code: None,
+        }
     }
     pub fn err(code: Refusal, error: impl Into<String>) -> Response {
-        Response { ok: false, data: None, error: Some(error.into()), code: Some(code) }
+        Response {
+            ok: false,
+            data: None,
+            error: Some(error.into()),
+            code: Some(code),
+        }
     }
 }
 
@@ -140,13 +152,18 @@ pub fn serve(path: &Path, grants: Vec<RoleGrant>, calls: mpsc::Sender<Call>) -> 
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing the stale socket {}", path.display())),
+        Err(e) => {
+            return Err(e).with_context(|| format!("removing the stale socket {}", path.display()));
+        }
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("--control-socket {}", path.display()))?;
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("--control-socket {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let (grants, calls) = (grants.clone(), calls.clone());
             tokio::spawn(async move {
                 if let Err(e) = connection(stream, &grants, calls).await {
@@ -161,14 +178,20 @@ pub fn serve(path: &Path, grants: Vec<RoleGrant>, calls: mpsc::Sender<Call>) -> 
 /// Largest request accepted (a request is a few hundred bytes).
 const MAX_REQUEST: usize = 64 * 1024;
 
-async fn connection(stream: UnixStream, grants: &[RoleGrant], calls: mpsc::Sender<Call>) -> anyhow::Result<()> {
+async fn connection(
+    stream: UnixStream,
+    grants: &[RoleGrant],
+    calls: mpsc::Sender<Call>,
+) -> anyhow::Result<()> {
     let cred = stream.peer_cred()?;
     let pid = cred.pid().unwrap_or(0) as u32;
     let actor = Actor {
         uid: cred.uid(),
         user: user_name(cred.uid()).unwrap_or_else(|| format!("uid {}", cred.uid())),
         pid,
-        exe: std::fs::read_link(format!("/proc/{pid}/exe")).map(|p| p.display().to_string()).unwrap_or_default(),
+        exe: std::fs::read_link(format!("/proc/{pid}/exe"))
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
     };
     let role = role_of(&actor, cred.gid(), grants);
     let (read, mut write) = stream.into_split();
@@ -179,10 +202,20 @@ async fn connection(stream: UnixStream, grants: &[RoleGrant], calls: mpsc::Sende
         Err(e) => Response::err(Refusal::Invalid, format!("not a request: {e}")),
         Ok(request) => {
             let (tx, rx) = oneshot::channel();
-            if calls.send(Call { request, actor, role, reply: tx }).await.is_err() {
+            if calls
+                .send(Call {
+                    request,
+                    actor,
+                    role,
+                    reply: tx,
+                })
+                .await
+                .is_err()
+            {
                 Response::err(Refusal::Failed, "the daemon is stopping")
             } else {
-                rx.await.unwrap_or_else(|_| Response::err(Refusal::Failed, "no answer"))
+                rx.await
+                    .unwrap_or_else(|_| Response::err(Refusal::Failed, "no answer"))
             }
         }
     };
@@ -219,7 +252,11 @@ fn user_name(uid: u32) -> Option<String> {
         return None;
     }
     // SAFETY: on success pw_name is a NUL-terminated string inside `buf`.
-    Some(unsafe { CStr::from_ptr(pw.pw_name) }.to_string_lossy().into_owned())
+    Some(
+        unsafe { CStr::from_ptr(pw.pw_name) }
+            .to_string_lossy()
+            .into_owned(),
+    )
 }
 
 fn group_id(name: &str) -> Option<u32> {
@@ -229,13 +266,27 @@ fn group_id(name: &str) -> Option<u32> {
     let mut gr: libc::group = unsafe { std::mem::zeroed() };
     let mut out: *mut libc::group = std::ptr::null_mut();
     // SAFETY: all pointers are valid for the sizes given.
-    let rc = unsafe { libc::getgrnam_r(cname.as_ptr(), &mut gr, buf.as_mut_ptr(), buf.len(), &mut out) };
-    if rc != 0 || out.is_null() { None } else { Some(gr.gr_gid) }
+    let rc = unsafe {
+        libc::getgrnam_r(
+            cname.as_ptr(),
+            &mut gr,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut out,
+        )
+    };
+    if rc != 0 || out.is_null() {
+        None
+    } else {
+        Some(gr.gr_gid)
+    }
 }
 
 /// The user's groups, its primary group included.
 fn groups_of(user: &str, gid: u32) -> Vec<u32> {
-    let Ok(cuser) = CString::new(user) else { return vec![gid] };
+    let Ok(cuser) = CString::new(user) else {
+        return vec![gid];
+    };
     let mut groups = vec![0 as libc::gid_t; 256];
     let mut n = groups.len() as libc::c_int;
     // SAFETY: `groups` holds `n` entries; getgrouplist writes at most that many.
@@ -249,19 +300,25 @@ fn groups_of(user: &str, gid: u32) -> Vec<u32> {
 
 /// Sends one request to the daemon and returns its response (for `lbctl` and tests).
 pub async fn call(socket: &Path, request: &Request) -> anyhow::Result<Response> {
-    let stream = UnixStream::connect(socket).await.with_context(|| format!("connecting to {}", socket.display()))?;
+    let stream = UnixStream::connect(socket)
+        .await
+        .with_context(|| format!("connecting to {}", socket.display()))?;
     let (read, mut write) = stream.into_split();
     let mut out = serde_json::to_vec(request)?;
     out.push(b'\n');
     write.write_all(&out).await?;
     let mut line = String::new();
-    BufReader::new(read.take(16 << 20)).read_line(&mut line).await?;
-    serde_json::from_str(&line).with_context(|| format!("the daemon answered something that is not a response: {line:?}"))
+    BufReader::new(read.take(16 << 20))
+        .read_line(&mut line)
+        .await?;
+    serde_json::from_str(&line)
+        .with_context(|| format!("the daemon answered something that is not a response: {line:?}"))
 }
 
 /// The socket path from `--socket`, the environment, or the default.
 pub fn socket_path(flag: Option<PathBuf>) -> PathBuf {
-    flag.or_else(|| std::env::var_os("LB_CONTROL_SOCKET").map(PathBuf::from)).unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+    flag.or_else(|| std::env::var_os("LB_CONTROL_SOCKET").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
 }
 
 #[cfg(test)]
@@ -271,7 +328,10 @@ mod tests {
     #[test]
     fn roles_parse_and_order() {
         let g: RoleGrant = "operator=user:ops".parse().unwrap();
-        assert_eq!((g.role, g.principal), (Role::Operator, Principal::User("ops".into())));
+        assert_eq!(
+            (g.role, g.principal),
+            (Role::Operator, Principal::User("ops".into()))
+        );
         assert!("boss=user:x".parse::<RoleGrant>().is_err());
         assert!("admin=team:x".parse::<RoleGrant>().is_err());
         assert!(Role::Admin > Role::Operator && Role::Operator > Role::Viewer);
@@ -281,9 +341,19 @@ mod tests {
 
     #[test]
     fn root_is_admin_and_others_need_a_grant() {
-        let root = Actor { uid: 0, user: "root".into(), pid: 1, exe: String::new() };
+        let root = Actor {
+            uid: 0,
+            user: "root".into(),
+            pid: 1,
+            exe: String::new(),
+        };
         assert_eq!(role_of(&root, 0, &[]), Some(Role::Admin));
-        let nobody = Actor { uid: 65534, user: "nobody".into(), pid: 1, exe: String::new() };
+        let nobody = Actor {
+            uid: 65534,
+            user: "nobody".into(),
+            pid: 1,
+            exe: String::new(),
+        };
         assert_eq!(role_of(&nobody, 65534, &[]), None);
         let grants = ["viewer=user:nobody".parse().unwrap()];
         assert_eq!(role_of(&nobody, 65534, &grants), Some(Role::Viewer));

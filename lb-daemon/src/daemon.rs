@@ -15,8 +15,9 @@ use tracing::{info, warn};
 
 use crate::{
     audit::{
-        self, BackendDrained, CloseReason, ConfigChange, ConnClose, ConnDeny, ConnOpen, ControlDenied,
-        DaemonStart, DaemonStop, DenyReason, Event, HealthChange, Loss, Proto, SealKey,
+        self, BackendDrained, CloseReason, ConfigChange, ConnClose, ConnDeny, ConnOpen,
+        ControlDenied, DaemonStart, DaemonStop, DenyReason, Event, HealthChange, Loss, Proto,
+        SealKey,
     },
     balancer::{self, PlacedService},
     config::Settings,
@@ -53,13 +54,22 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
         seal_key,
     };
     let mut audit = Journal::open(settings.audit_dir.clone(), opts, settings.audit.on_failure)
-        .with_context(|| format!("--audit-dir {}: cannot open the audit log", settings.audit_dir.display()))?;
+        .with_context(|| {
+            format!(
+                "--audit-dir {}: cannot open the audit log",
+                settings.audit_dir.display()
+            )
+        })?;
     let mut services = balancer::place(&settings)?;
     let names = Names::new(&services);
     check_forwarding(&services)?;
 
     let mut dp = Dataplane::load(settings.maglev_table_size, settings.conntrack_size)?;
-    dp.configure(settings.snat_ports, settings.maglev_table_size, flow_id_base())?;
+    dp.configure(
+        settings.snat_ports,
+        settings.maglev_table_size,
+        flow_id_base(),
+    )?;
     dp.install(&services)?;
     let backend_ips = backend_ips(&services);
     refresh_neighbors(backend_ips.clone()).await;
@@ -76,7 +86,10 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
     let config = serde_json::to_string(&settings)?;
     audit.record(
         SystemTime::now(),
-        Event::DaemonStart(DaemonStart { version: env!("CARGO_PKG_VERSION").to_string(), config }),
+        Event::DaemonStart(DaemonStart {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            config,
+        }),
     );
     audit.sync();
     audit.apply(&mut dp)?;
@@ -97,9 +110,16 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
 
     let (calls_tx, mut calls_rx) = tokio::sync::mpsc::channel::<control::Call>(64);
     control::serve(&settings.control_socket, settings.roles.clone(), calls_tx)?;
-    let mut control_state = ControlState { generation: 1, drained_reported: Vec::new(), started: SystemTime::now() };
+    let mut control_state = ControlState {
+        generation: 1,
+        drained_reported: Vec::new(),
+        started: SystemTime::now(),
+    };
 
-    let mut loss_seen = KernelLoss { count: 0, since: SystemTime::now() };
+    let mut loss_seen = KernelLoss {
+        count: 0,
+        since: SystemTime::now(),
+    };
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
     let mut neigh = tokio::time::interval(NEIGHBOR_REFRESH);
     neigh.tick().await; // the first tick is immediate; neighbours were just primed
@@ -151,7 +171,12 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
     }
     let now = SystemTime::now();
     record_kernel_loss(&mut dp, &mut audit, &mut loss_seen)?;
-    audit.record(now, Event::DaemonStop(DaemonStop { reason: "signal".to_string() }));
+    audit.record(
+        now,
+        Event::DaemonStop(DaemonStop {
+            reason: "signal".to_string(),
+        }),
+    );
     audit.close()?;
     info!(closed_at_shutdown = closed, "stopped");
     Ok(())
@@ -160,12 +185,17 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
 /// The kernel's FIB lookup from XDP answers "forwarding disabled" unless the host forwards;
 /// refuse to start rather than drop every new flow.
 fn check_forwarding(services: &[PlacedService]) -> anyhow::Result<()> {
-    for (v6, key) in [(false, "net/ipv4/ip_forward"), (true, "net/ipv6/conf/all/forwarding")] {
+    for (v6, key) in [
+        (false, "net/ipv4/ip_forward"),
+        (true, "net/ipv6/conf/all/forwarding"),
+    ] {
         if !services.iter().any(|s| s.spec.vip.is_ipv6() == v6) {
             continue;
         }
         let path = format!("/proc/sys/{key}");
-        let on = std::fs::read_to_string(&path).map(|v| v.trim() == "1").unwrap_or(false);
+        let on = std::fs::read_to_string(&path)
+            .map(|v| v.trim() == "1")
+            .unwrap_or(false);
         if !on {
             anyhow::bail!(
                 "{} is not 1: the XDP program's FIB lookups need forwarding enabled (sysctl -w {}=1)",
@@ -201,23 +231,44 @@ fn handle_call(
     use control::{Refusal, Response};
     use serde_json::json;
     let req = &call.request;
-    let target = [req.service.as_deref(), req.backend.as_deref()].into_iter().flatten().collect::<Vec<_>>().join(" ");
+    let target = [req.service.as_deref(), req.backend.as_deref()]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(" ");
     let Some(needed) = control::required_role(&req.action) else {
-        return Ok(Response::err(Refusal::Invalid, format!("unknown action '{}'", req.action)));
+        return Ok(Response::err(
+            Refusal::Invalid,
+            format!("unknown action '{}'", req.action),
+        ));
     };
     if call.role < Some(needed) {
-        let reason = format!("{} requires the {needed:?} role; {} has {:?}", req.action, call.actor.user, call.role);
+        let reason = format!(
+            "{} requires the {needed:?} role; {} has {:?}",
+            req.action, call.actor.user, call.role
+        );
         warn!(actor = %call.actor.user, uid = call.actor.uid, action = %req.action, "control request refused");
         audit.record(
             SystemTime::now(),
-            Event::ControlDenied(ControlDenied { actor: call.actor.clone(), action: req.action.clone(), target, reason: reason.clone() }),
+            Event::ControlDenied(ControlDenied {
+                actor: call.actor.clone(),
+                action: req.action.clone(),
+                target,
+                reason: reason.clone(),
+            }),
         );
         audit.sync();
         return Ok(Response::err(Refusal::Refused, reason));
     }
     let find = |services: &[PlacedService]| -> Result<usize, Response> {
-        let name = req.service.as_deref().ok_or_else(|| Response::err(Refusal::Invalid, "which service?"))?;
-        services.iter().position(|s| s.spec.name == name).ok_or_else(|| Response::err(Refusal::Invalid, format!("no service '{name}'")))
+        let name = req
+            .service
+            .as_deref()
+            .ok_or_else(|| Response::err(Refusal::Invalid, "which service?"))?;
+        services
+            .iter()
+            .position(|s| s.spec.name == name)
+            .ok_or_else(|| Response::err(Refusal::Invalid, format!("no service '{name}'")))
     };
     match req.action.as_str() {
         "status" => {
@@ -320,10 +371,20 @@ fn handle_call(
 }
 
 /// Writes `backend_drained` for drained backends whose last flow has closed.
-fn report_drained(dp: &mut Dataplane, services: &[PlacedService], audit: &mut Journal, state: &mut ControlState) -> anyhow::Result<()> {
+fn report_drained(
+    dp: &mut Dataplane,
+    services: &[PlacedService],
+    audit: &mut Journal,
+    state: &mut ControlState,
+) -> anyhow::Result<()> {
     let pending: Vec<(u32, u32, std::net::SocketAddr, String)> = services
         .iter()
-        .flat_map(|s| s.backends.iter().filter(|b| b.drained).map(move |b| (s.id, b.index, b.addr, s.spec.name.clone())))
+        .flat_map(|s| {
+            s.backends
+                .iter()
+                .filter(|b| b.drained)
+                .map(move |b| (s.id, b.index, b.addr, s.spec.name.clone()))
+        })
         .filter(|(id, _, addr, _)| !state.drained_reported.contains(&(*id, *addr)))
         .collect();
     if pending.is_empty() {
@@ -331,9 +392,17 @@ fn report_drained(dp: &mut Dataplane, services: &[PlacedService], audit: &mut Jo
     }
     let flows = dp.flows()?;
     for (id, index, addr, service) in pending {
-        let open = flows.iter().any(|p| p.fwd.backend_idx == index && p.fwd.state & flow_state::CLOSED == 0);
+        let open = flows
+            .iter()
+            .any(|p| p.fwd.backend_idx == index && p.fwd.state & flow_state::CLOSED == 0);
         if !open {
-            audit.record(SystemTime::now(), Event::BackendDrained(BackendDrained { service, backend: addr }));
+            audit.record(
+                SystemTime::now(),
+                Event::BackendDrained(BackendDrained {
+                    service,
+                    backend: addr,
+                }),
+            );
             state.drained_reported.push((id, addr));
         }
     }
@@ -352,14 +421,24 @@ fn health_result(
     audit: &mut Journal,
     table_size: u32,
 ) -> anyhow::Result<()> {
-    let Some(svc) = services.iter_mut().find(|s| s.id == probe.service) else { return Ok(()) };
-    let Some(spec) = svc.spec.health.clone() else { return Ok(()) };
-    let Some(st) = state.get_mut(&(probe.service, probe.backend)) else { return Ok(()) };
+    let Some(svc) = services.iter_mut().find(|s| s.id == probe.service) else {
+        return Ok(());
+    };
+    let Some(spec) = svc.spec.health.clone() else {
+        return Ok(());
+    };
+    let Some(st) = state.get_mut(&(probe.service, probe.backend)) else {
+        return Ok(());
+    };
     let failures = st.failures + u32::from(probe.result.is_err());
     if !st.observe(&probe.result, &spec) {
         return Ok(());
     }
-    let (from, to) = if st.down { ("up", "down") } else { ("down", "up") };
+    let (from, to) = if st.down {
+        ("up", "down")
+    } else {
+        ("down", "up")
+    };
     warn!(service = %svc.spec.name, backend = %probe.backend, from, to, error = ?st.last_error, "backend health changed");
     if let Some(b) = svc.backends.iter_mut().find(|b| b.addr == probe.backend) {
         b.up = !st.down;
@@ -387,15 +466,31 @@ struct KernelLoss {
 }
 
 /// Turns new kernel ring-buffer losses into a `loss` record, so the log states its own gaps.
-fn record_kernel_loss(dp: &mut Dataplane, audit: &mut Journal, seen: &mut KernelLoss) -> anyhow::Result<()> {
+fn record_kernel_loss(
+    dp: &mut Dataplane,
+    audit: &mut Journal,
+    seen: &mut KernelLoss,
+) -> anyhow::Result<()> {
     let now = SystemTime::now();
     let count = dp.stats()?[lb_common::stat::RINGBUF_LOSS as usize];
     if count > seen.count {
-        let ns = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
-        warn!(lost = count - seen.count, "the kernel could not queue audit records: ring buffer full");
+        let ns = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as i64)
+                .unwrap_or(0)
+        };
+        warn!(
+            lost = count - seen.count,
+            "the kernel could not queue audit records: ring buffer full"
+        );
         audit.record(
             now,
-            Event::Loss(Loss { source: "kernel_ringbuf".into(), count: count - seen.count, since_ns: ns(seen.since), until_ns: ns(now) }),
+            Event::Loss(Loss {
+                source: "kernel_ringbuf".into(),
+                count: count - seen.count,
+                since_ns: ns(seen.since),
+                until_ns: ns(now),
+            }),
         );
         seen.count = count;
     }
@@ -408,7 +503,10 @@ async fn wait_for_carrier(ifaces: &[String], limit: Duration) {
     let deadline = tokio::time::Instant::now() + limit;
     for iface in ifaces {
         let path = format!("/sys/class/net/{iface}/carrier");
-        while std::fs::read_to_string(&path).map(|c| c.trim() != "1").unwrap_or(false) {
+        while std::fs::read_to_string(&path)
+            .map(|c| c.trim() != "1")
+            .unwrap_or(false)
+        {
             if tokio::time::Instant::now() >= deadline {
                 warn!(iface = %iface, "no carrier after attaching the XDP program");
                 break;
@@ -420,12 +518,18 @@ async fn wait_for_carrier(ifaces: &[String], limit: Duration) {
 
 /// A flow-id base that differs across restarts: seconds since the epoch in the high bits.
 fn flow_id_base() -> u64 {
-    let secs = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     secs << 24
 }
 
 fn backend_ips(services: &[PlacedService]) -> Vec<IpAddr> {
-    let mut ips: Vec<IpAddr> = services.iter().flat_map(|s| s.backends.iter().map(|b| b.addr.ip())).collect();
+    let mut ips: Vec<IpAddr> = services
+        .iter()
+        .flat_map(|s| s.backends.iter().map(|b| b.addr.ip()))
+        .collect();
     ips.sort();
     ips.dedup();
     ips
@@ -433,9 +537,14 @@ fn backend_ips(services: &[PlacedService]) -> Vec<IpAddr> {
 
 async fn refresh_neighbors(ips: Vec<IpAddr>) {
     let wanted = ips.len();
-    match tokio::task::spawn_blocking(move || neighbors::prime(&ips, Duration::from_secs(1))).await {
+    match tokio::task::spawn_blocking(move || neighbors::prime(&ips, Duration::from_secs(1))).await
+    {
         Ok(Ok(answered)) if answered.len() < wanted => {
-            warn!(answered = answered.len(), wanted, "some backends did not answer ICMP echo; new flows to them may be dropped until their address resolves")
+            warn!(
+                answered = answered.len(),
+                wanted,
+                "some backends did not answer ICMP echo; new flows to them may be dropped until their address resolves"
+            )
         }
         Ok(Ok(_)) => {}
         Ok(Err(e)) => warn!(error = %e, "cannot send ICMP echo to backends"),
@@ -448,7 +557,10 @@ fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, audit: &mut Journal,
     let clock = Clock::now();
     while let Some(item) = ring.next() {
         let Some(ev) = dataplane::decode_event(&item) else {
-            warn!(len = item.len(), "ignoring a ring-buffer record of unexpected size");
+            warn!(
+                len = item.len(),
+                "ignoring a ring-buffer record of unexpected size"
+            );
             continue;
         };
         if let Some(event) = conn_event(&ev, names) {
@@ -472,7 +584,11 @@ fn sweep_flows(
     let mut open = Vec::new();
     for pair in dp.flows()? {
         let quiet = clock.coarse_ns.saturating_sub(pair.last_seen_ns());
-        let idle = if pair.key.proto == lb_common::PROTO_UDP { settings.udp_idle_timeout } else { settings.tcp_idle_timeout };
+        let idle = if pair.key.proto == lb_common::PROTO_UDP {
+            settings.udp_idle_timeout
+        } else {
+            settings.tcp_idle_timeout
+        };
         if pair.fwd.state & flow_state::CLOSED != 0 {
             if quiet > linger {
                 dp.remove_flow(&pair)?;
@@ -491,7 +607,11 @@ fn sweep_flows(
     if remaining > high {
         open.sort_by_key(|p| p.last_seen_ns());
         let evict = (remaining - low).min(open.len());
-        warn!(evict, table = size, "conntrack table above 95%: evicting the least recently active flows");
+        warn!(
+            evict,
+            table = size,
+            "conntrack table above 95%: evicting the least recently active flows"
+        );
         for pair in &open[..evict] {
             close_in_user_space(dp, audit, names, pair, close_reason::EVICTED, &clock)?;
         }
@@ -561,8 +681,14 @@ pub struct Names {
 impl Names {
     pub fn new(services: &[PlacedService]) -> Self {
         Self {
-            services: services.iter().map(|s| (s.id, s.spec.name.clone())).collect(),
-            rules: services.iter().flat_map(|s| s.rules.iter().map(|r| (r.id, r.describe()))).collect(),
+            services: services
+                .iter()
+                .map(|s| (s.id, s.spec.name.clone()))
+                .collect(),
+            rules: services
+                .iter()
+                .flat_map(|s| s.rules.iter().map(|r| (r.id, r.describe())))
+                .collect(),
         }
     }
 }
@@ -574,7 +700,11 @@ pub fn conn_event(ev: &ConnEvent, names: &Names) -> Option<Event> {
         lb_common::PROTO_UDP => Proto::Udp,
         _ => return None,
     };
-    let service = names.services.get(&ev.service_id).cloned().unwrap_or_else(|| format!("#{}", ev.service_id));
+    let service = names
+        .services
+        .get(&ev.service_id)
+        .cloned()
+        .unwrap_or_else(|| format!("#{}", ev.service_id));
     let client = socket_addr(ev.client, ev.af, ev.client_port);
     let vip = socket_addr(ev.vip, ev.af, ev.vip_port);
     let backend = socket_addr(ev.backend, ev.af, ev.backend_port);
@@ -628,7 +758,13 @@ pub fn conn_event(ev: &ConnEvent, names: &Names) -> Option<Event> {
                 _ => DenyReason::AuditUnavailable,
             },
             rule: match ev.reason {
-                deny_reason::ACL => Some(names.rules.get(&ev.rule).cloned().unwrap_or_else(|| "default deny".to_string())),
+                deny_reason::ACL => Some(
+                    names
+                        .rules
+                        .get(&ev.rule)
+                        .cloned()
+                        .unwrap_or_else(|| "default deny".to_string()),
+                ),
                 _ => None,
             },
             suppressed: ev.packets_to_backend,
@@ -648,7 +784,11 @@ struct Clock {
 
 impl Clock {
     fn now() -> Self {
-        Self { real: SystemTime::now(), boot_ns: clock_ns(libc::CLOCK_BOOTTIME), coarse_ns: clock_ns(libc::CLOCK_MONOTONIC_COARSE) }
+        Self {
+            real: SystemTime::now(),
+            boot_ns: clock_ns(libc::CLOCK_BOOTTIME),
+            coarse_ns: clock_ns(libc::CLOCK_MONOTONIC_COARSE),
+        }
     }
 
     fn to_system(&self, event_boot_ns: u64) -> SystemTime {
@@ -660,7 +800,10 @@ impl Clock {
 /// A clock in nanoseconds: CLOCK_BOOTTIME is `bpf_ktime_get_boot_ns`'s, CLOCK_MONOTONIC_COARSE
 /// is `bpf_ktime_get_coarse_ns`'s.
 fn clock_ns(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: `ts` is a valid, writable timespec; both clocks exist on every supported kernel.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64

@@ -13,7 +13,8 @@ use aya::{
 };
 use lb_common::{
     AclKey, AclRule, Backend, Config, ConnEvent, Flow, FlowKey, MAX_ACL_RULES, MAX_SERVICES,
-    ServiceInfo, ServiceKey, VipKey, acl_action, addr, config_flags, flow_dir, maps, service_flags, stat,
+    ServiceInfo, ServiceKey, VipKey, acl_action, addr, config_flags, flow_dir, maps, service_flags,
+    stat,
 };
 
 use crate::{audit::Proto, balancer::PlacedService};
@@ -33,7 +34,9 @@ pub struct FlowPair {
 impl FlowPair {
     /// The last packet either way (CLOCK_MONOTONIC_COARSE ns).
     pub fn last_seen_ns(&self) -> u64 {
-        self.fwd.last_seen_ns.max(self.rev.map_or(0, |r| r.last_seen_ns))
+        self.fwd
+            .last_seen_ns
+            .max(self.rev.map_or(0, |r| r.last_seen_ns))
     }
 }
 
@@ -59,7 +62,10 @@ impl Dataplane {
             .context("loading the eBPF object")?;
         let prog: &mut Xdp = program(&mut ebpf)?;
         prog.load().context("loading the XDP program (verifier)")?;
-        Ok(Self { ebpf, links: Vec::new() })
+        Ok(Self {
+            ebpf,
+            links: Vec::new(),
+        })
     }
 
     /// The XDP program, e.g. for `BPF_PROG_TEST_RUN`.
@@ -72,7 +78,12 @@ impl Dataplane {
         let prog: &mut Xdp = self
             .ebpf
             .program_mut(lb_common::XDP_PASS_PROGRAM)
-            .ok_or_else(|| anyhow!("program {} missing from the eBPF object", lb_common::XDP_PASS_PROGRAM))?
+            .ok_or_else(|| {
+                anyhow!(
+                    "program {} missing from the eBPF object",
+                    lb_common::XDP_PASS_PROGRAM
+                )
+            })?
             .try_into()?;
         if prog.fd().is_err() {
             prog.load()?;
@@ -95,13 +106,19 @@ impl Dataplane {
         let links = std::mem::take(&mut self.links);
         let prog = program(&mut self.ebpf)?;
         for (iface, id) in links {
-            prog.detach(id).with_context(|| format!("detaching from {iface}"))?;
+            prog.detach(id)
+                .with_context(|| format!("detaching from {iface}"))?;
         }
         Ok(())
     }
 
     /// Writes run-time settings and seeds the per-CPU flow-id counters.
-    pub fn configure(&mut self, snat_ports: (u16, u16), maglev_size: u32, flow_id_base: u64) -> anyhow::Result<()> {
+    pub fn configure(
+        &mut self,
+        snat_ports: (u16, u16),
+        maglev_size: u32,
+        flow_id_base: u64,
+    ) -> anyhow::Result<()> {
         let mut cfg: Array<&mut MapData, Config> = Array::try_from(self.map(maps::CONFIG)?)?;
         cfg.set(
             0,
@@ -115,7 +132,8 @@ impl Dataplane {
             0,
         )?;
         let ncpu = nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
-        let mut seq: PerCpuArray<&mut MapData, u64> = PerCpuArray::try_from(self.map(maps::FLOW_SEQ)?)?;
+        let mut seq: PerCpuArray<&mut MapData, u64> =
+            PerCpuArray::try_from(self.map(maps::FLOW_SEQ)?)?;
         seq.set(0, PerCpuValues::try_from(vec![flow_id_base; ncpu])?, 0)?;
         Ok(())
     }
@@ -136,32 +154,68 @@ impl Dataplane {
     /// Writes services, backends, Maglev tables and access rules.
     pub fn install(&mut self, services: &[PlacedService]) -> anyhow::Result<()> {
         {
-            let mut backends: Array<&mut MapData, Backend> = Array::try_from(self.map(maps::BACKENDS)?)?;
+            let mut backends: Array<&mut MapData, Backend> =
+                Array::try_from(self.map(maps::BACKENDS)?)?;
             for s in services {
                 for b in &s.backends {
                     let (a, af) = addr::to_words(b.addr.ip());
                     let (snat, _) = addr::to_words(b.snat);
-                    let entry = Backend { addr: a, snat_addr: snat, port: b.addr.port().to_be(), af, _pad0: 0, _pad1: 0 };
+                    let entry = Backend {
+                        addr: a,
+                        snat_addr: snat,
+                        port: b.addr.port().to_be(),
+                        af,
+                        _pad0: 0,
+                        _pad1: 0,
+                    };
                     backends.set(b.index, entry, 0)?;
                 }
             }
         }
         {
-            let mut acl: LpmTrie<&mut MapData, AclKey, AclRule> = LpmTrie::try_from(self.map(maps::ACL)?)?;
+            let mut acl: LpmTrie<&mut MapData, AclKey, AclRule> =
+                LpmTrie::try_from(self.map(maps::ACL)?)?;
             for s in services {
                 for r in &s.rules {
                     let (words, af) = addr::to_words(r.net.addr);
-                    let key = Key::new(32 + r.net.len as u32, AclKey { scope: AclKey::scope(s.id, af), addr: words });
-                    let action = if r.allow { acl_action::ALLOW } else { acl_action::DENY };
-                    acl.insert(&key, AclRule { rule_id: r.id, action }, 0)?;
+                    let key = Key::new(
+                        32 + r.net.len as u32,
+                        AclKey {
+                            scope: AclKey::scope(s.id, af),
+                            addr: words,
+                        },
+                    );
+                    let action = if r.allow {
+                        acl_action::ALLOW
+                    } else {
+                        acl_action::DENY
+                    };
+                    acl.insert(
+                        &key,
+                        AclRule {
+                            rule_id: r.id,
+                            action,
+                        },
+                        0,
+                    )?;
                 }
             }
         }
         {
-            let mut vips: HashMap<&mut MapData, VipKey, u32> = HashMap::try_from(self.map(maps::VIPS)?)?;
+            let mut vips: HashMap<&mut MapData, VipKey, u32> =
+                HashMap::try_from(self.map(maps::VIPS)?)?;
             for s in services {
                 let (words, af) = addr::to_words(s.spec.vip.ip());
-                vips.insert(VipKey { addr: words, af, _pad0: 0, _pad1: 0 }, 1, 0)?;
+                vips.insert(
+                    VipKey {
+                        addr: words,
+                        af,
+                        _pad0: 0,
+                        _pad1: 0,
+                    },
+                    1,
+                    0,
+                )?;
             }
         }
         for s in services {
@@ -187,8 +241,15 @@ impl Dataplane {
             id: s.id,
             backend_count: s.backends.iter().filter(|b| b.in_rotation()).count() as u32,
             generation: s.generation,
-            flags: if s.rules.iter().any(|r| r.allow) { service_flags::DEFAULT_DENY } else { 0 }
-                | if s.rules.is_empty() { 0 } else { service_flags::HAS_RULES },
+            flags: if s.rules.iter().any(|r| r.allow) {
+                service_flags::DEFAULT_DENY
+            } else {
+                0
+            } | if s.rules.is_empty() {
+                0
+            } else {
+                service_flags::HAS_RULES
+            },
             rate_per_sec: s.spec.rate_limit.unwrap_or(0),
             _pad: 0,
         };
@@ -198,7 +259,10 @@ impl Dataplane {
 
     /// Takes the ring buffer of connection records (once).
     pub fn take_events(&mut self) -> anyhow::Result<RingBuf<MapData>> {
-        let map = self.ebpf.take_map(maps::EVENTS).ok_or_else(|| anyhow!("map {} missing", maps::EVENTS))?;
+        let map = self
+            .ebpf
+            .take_map(maps::EVENTS)
+            .ok_or_else(|| anyhow!("map {} missing", maps::EVENTS))?;
         Ok(RingBuf::try_from(map)?)
     }
 
@@ -207,8 +271,11 @@ impl Dataplane {
         let map: HashMap<&mut MapData, FlowKey, Flow> = HashMap::try_from(self.map(maps::FLOWS)?)?;
         // Entries may vanish while iterating (the program's own updates): skip those.
         let entries: Vec<(FlowKey, Flow)> = map.iter().filter_map(Result::ok).collect();
-        let replies: StdHashMap<FlowKey, Flow> =
-            entries.iter().filter(|(_, f)| f.dir == flow_dir::REPLY).map(|(k, f)| (*k, *f)).collect();
+        let replies: StdHashMap<FlowKey, Flow> = entries
+            .iter()
+            .filter(|(_, f)| f.dir == flow_dir::REPLY)
+            .map(|(k, f)| (*k, *f))
+            .collect();
         Ok(entries
             .into_iter()
             .filter(|(_, f)| f.dir == flow_dir::FORWARD)
@@ -221,7 +288,8 @@ impl Dataplane {
 
     /// Removes both entries of a connection.
     pub fn remove_flow(&mut self, pair: &FlowPair) -> anyhow::Result<()> {
-        let mut map: HashMap<&mut MapData, FlowKey, Flow> = HashMap::try_from(self.map(maps::FLOWS)?)?;
+        let mut map: HashMap<&mut MapData, FlowKey, Flow> =
+            HashMap::try_from(self.map(maps::FLOWS)?)?;
         let _ = map.remove(&pair.key);
         let _ = map.remove(&pair.fwd.peer_key(pair.key.proto, pair.key.af));
         Ok(())
@@ -237,25 +305,38 @@ impl Dataplane {
 
     /// Matches per access rule, summed over CPUs, indexed by rule id.
     pub fn rule_hits(&mut self, rules: u32) -> anyhow::Result<Vec<u64>> {
-        let hits: PerCpuArray<&mut MapData, u64> = PerCpuArray::try_from(self.map(maps::RULE_HITS)?)?;
-        (0..rules.min(MAX_ACL_RULES)).map(|i| Ok(hits.get(&i, 0)?.iter().sum())).collect()
+        let hits: PerCpuArray<&mut MapData, u64> =
+            PerCpuArray::try_from(self.map(maps::RULE_HITS)?)?;
+        (0..rules.min(MAX_ACL_RULES))
+            .map(|i| Ok(hits.get(&i, 0)?.iter().sum()))
+            .collect()
     }
 
     fn map(&mut self, name: &str) -> anyhow::Result<&mut aya::maps::Map> {
-        self.ebpf.map_mut(name).ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+        self.ebpf
+            .map_mut(name)
+            .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
     }
 }
 
 fn program(ebpf: &mut Ebpf) -> anyhow::Result<&mut Xdp> {
-    let prog = ebpf
-        .program_mut(lb_common::XDP_PROGRAM)
-        .ok_or_else(|| anyhow!("program {} missing from the eBPF object", lb_common::XDP_PROGRAM))?;
+    let prog = ebpf.program_mut(lb_common::XDP_PROGRAM).ok_or_else(|| {
+        anyhow!(
+            "program {} missing from the eBPF object",
+            lb_common::XDP_PROGRAM
+        )
+    })?;
     Ok(prog.try_into()?)
 }
 
 fn service_key(s: &PlacedService) -> ServiceKey {
     let (a, af) = addr::to_words(s.spec.vip.ip());
-    ServiceKey { addr: a, port: s.spec.vip.port().to_be(), proto: proto_number(s.spec.proto), af }
+    ServiceKey {
+        addr: a,
+        port: s.spec.vip.port().to_be(),
+        proto: proto_number(s.spec.proto),
+        af,
+    }
 }
 
 /// The IP protocol number of a service protocol.

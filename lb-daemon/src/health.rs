@@ -52,18 +52,39 @@ impl FromStr for CheckSpec {
             "http" => CheckKind::Http("/".into()),
             k if k.starts_with("udp:") => CheckKind::Udp(k[4..].to_string()),
             k if k.starts_with("http:/") => CheckKind::Http(k[5..].to_string()),
-            k => return Err(format!("unknown check '{k}' (tcp, udp[:PAYLOAD], http[:/PATH])")),
+            k => {
+                return Err(format!(
+                    "unknown check '{k}' (tcp, udp[:PAYLOAD], http[:/PATH])"
+                ));
+            }
         };
-        let mut spec = CheckSpec { kind, interval: Duration::from_secs(2), timeout: Duration::from_secs(1), rise: 2, fall: 3 };
+        let mut spec = CheckSpec {
+            kind,
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+        };
         for opt in parts {
-            let (k, v) = opt.split_once('=').ok_or_else(|| format!("'{opt}': expected NAME=VALUE"))?;
-            let count = || v.parse::<u32>().ok().filter(|n| (1..=100).contains(n)).ok_or_else(|| format!("{k}={v}: expected 1 to 100"));
+            let (k, v) = opt
+                .split_once('=')
+                .ok_or_else(|| format!("'{opt}': expected NAME=VALUE"))?;
+            let count = || {
+                v.parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=100).contains(n))
+                    .ok_or_else(|| format!("{k}={v}: expected 1 to 100"))
+            };
             match k {
                 "interval" => spec.interval = parse_duration(v)?,
                 "timeout" => spec.timeout = parse_duration(v)?,
                 "rise" => spec.rise = count()?,
                 "fall" => spec.fall = count()?,
-                _ => return Err(format!("unknown option '{k}' (interval, timeout, rise, fall)")),
+                _ => {
+                    return Err(format!(
+                        "unknown option '{k}' (interval, timeout, rise, fall)"
+                    ));
+                }
             }
         }
         if spec.interval.is_zero() || spec.timeout.is_zero() || spec.timeout > spec.interval {
@@ -91,7 +112,15 @@ pub fn spawn(service: u32, backend: SocketAddr, spec: CheckSpec, tx: mpsc::Sende
                 Ok(r) => r,
                 Err(_) => Err(format!("no answer within {:?}", spec.timeout)),
             };
-            if tx.send(Probe { service, backend, result }).await.is_err() {
+            if tx
+                .send(Probe {
+                    service,
+                    backend,
+                    result,
+                })
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -100,24 +129,47 @@ pub fn spawn(service: u32, backend: SocketAddr, spec: CheckSpec, tx: mpsc::Sende
 
 async fn probe(backend: SocketAddr, kind: &CheckKind) -> Result<(), String> {
     match kind {
-        CheckKind::Tcp => TcpStream::connect(backend).await.map(drop).map_err(|e| e.to_string()),
+        CheckKind::Tcp => TcpStream::connect(backend)
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string()),
         CheckKind::Udp(payload) => {
-            let bind: SocketAddr = if backend.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
+            let bind: SocketAddr = if backend.is_ipv4() {
+                ([0, 0, 0, 0], 0).into()
+            } else {
+                ([0u16; 8], 0).into()
+            };
             let sock = UdpSocket::bind(bind).await.map_err(|e| e.to_string())?;
             sock.connect(backend).await.map_err(|e| e.to_string())?;
-            sock.send(payload.as_bytes()).await.map_err(|e| e.to_string())?;
+            sock.send(payload.as_bytes())
+                .await
+                .map_err(|e| e.to_string())?;
             let mut buf = [0u8; 1500];
-            sock.recv(&mut buf).await.map(drop).map_err(|e| e.to_string())
+            sock.recv(&mut buf)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
         }
         CheckKind::Http(path) => {
-            let mut s = TcpStream::connect(backend).await.map_err(|e| e.to_string())?;
-            let req = format!("GET {path} HTTP/1.0\r\nHost: {}\r\nUser-Agent: lb-health\r\n\r\n", backend.ip());
-            s.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
+            let mut s = TcpStream::connect(backend)
+                .await
+                .map_err(|e| e.to_string())?;
+            let req = format!(
+                "GET {path} HTTP/1.0\r\nHost: {}\r\nUser-Agent: lb-health\r\n\r\n",
+                backend.ip()
+            );
+            s.write_all(req.as_bytes())
+                .await
+                .map_err(|e| e.to_string())?;
             let mut head = [0u8; 64];
             let n = s.read(&mut head).await.map_err(|e| e.to_string())?;
             let line = String::from_utf8_lossy(&head[..n]);
             let status = line.split_whitespace().nth(1).unwrap_or_default();
-            if status.starts_with('2') && status.len() == 3 { Ok(()) } else { Err(format!("HTTP status {status:?}")) }
+            if status.starts_with('2') && status.len() == 3 {
+                Ok(())
+            } else {
+                Err(format!("HTTP status {status:?}"))
+            }
         }
     }
 }
@@ -163,10 +215,18 @@ mod tests {
 
     #[test]
     fn specs_parse() {
-        let s: CheckSpec = "http:/healthz,interval=500ms,timeout=200ms,rise=2,fall=3".parse().unwrap();
+        let s: CheckSpec = "http:/healthz,interval=500ms,timeout=200ms,rise=2,fall=3"
+            .parse()
+            .unwrap();
         assert_eq!(s.kind, CheckKind::Http("/healthz".into()));
-        assert_eq!((s.interval, s.timeout, s.rise, s.fall), (Duration::from_millis(500), Duration::from_millis(200), 2, 3));
-        assert_eq!("udp:hello".parse::<CheckSpec>().unwrap().kind, CheckKind::Udp("hello".into()));
+        assert_eq!(
+            (s.interval, s.timeout, s.rise, s.fall),
+            (Duration::from_millis(500), Duration::from_millis(200), 2, 3)
+        );
+        assert_eq!(
+            "udp:hello".parse::<CheckSpec>().unwrap().kind,
+            CheckKind::Udp("hello".into())
+        );
         assert!("icmp".parse::<CheckSpec>().is_err());
         assert!("tcp,interval=1s,timeout=2s".parse::<CheckSpec>().is_err());
         assert!("tcp,rise=0".parse::<CheckSpec>().is_err());

@@ -55,9 +55,21 @@ pub struct Journal {
 }
 
 impl Journal {
-    pub fn open(dir: PathBuf, opts: audit::Options, policy: FailurePolicy) -> anyhow::Result<Journal> {
+    pub fn open(
+        dir: PathBuf,
+        opts: audit::Options,
+        policy: FailurePolicy,
+    ) -> anyhow::Result<Journal> {
         let writer = AuditWriter::open_with(&dir, opts.clone())?;
-        Ok(Journal { dir, opts, policy, writer: Some(writer), last_appended: 0, failure: None, refusing: false })
+        Ok(Journal {
+            dir,
+            opts,
+            policy,
+            writer: Some(writer),
+            last_appended: 0,
+            failure: None,
+            refusing: false,
+        })
     }
 
     /// Records an event; a failure to write switches to the failure policy.
@@ -76,10 +88,10 @@ impl Journal {
 
     /// Makes written records durable (as the fsync policy says).
     pub fn sync(&mut self) {
-        if let Some(w) = &mut self.writer {
-            if let Err(e) = w.sync() {
-                self.fail(e, 0);
-            }
+        if let Some(w) = &mut self.writer
+            && let Err(e) = w.sync()
+        {
+            self.fail(e, 0);
         }
     }
 
@@ -88,7 +100,11 @@ impl Journal {
         // The writer's buffered records are lost with it; reopening tells how many reached
         // the disk.
         self.writer = None;
-        self.failure = Some(Failure { since: SystemTime::now(), dropped, error: format!("{e:#}") });
+        self.failure = Some(Failure {
+            since: SystemTime::now(),
+            dropped,
+            error: format!("{e:#}"),
+        });
     }
 
     /// While failing: tries to reopen the log and, if it works, records the loss.
@@ -100,9 +116,18 @@ impl Journal {
         };
         let on_disk = w.resumed_after();
         let lost = f.dropped + self.last_appended.saturating_sub(on_disk);
-        let ns = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
+        let ns = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as i64)
+                .unwrap_or(0)
+        };
         let now = SystemTime::now();
-        let loss = Event::Loss(Loss { source: "write_failure".into(), count: lost, since_ns: ns(f.since), until_ns: ns(now) });
+        let loss = Event::Loss(Loss {
+            source: "write_failure".into(),
+            count: lost,
+            since_ns: ns(f.since),
+            until_ns: ns(now),
+        });
         match w.append(now, loss).and_then(|seq| w.sync().map(|()| seq)) {
             Ok(seq) => {
                 info!(lost, error = %f.error, "the audit log can be written again");
@@ -138,7 +163,11 @@ impl Journal {
     pub fn close(self) -> anyhow::Result<()> {
         match (self.writer, self.failure) {
             (Some(w), _) => w.close(),
-            (None, Some(f)) => anyhow::bail!("the audit log could not be written since the failure ({}); {} record(s) lost", f.error, f.dropped),
+            (None, Some(f)) => anyhow::bail!(
+                "the audit log could not be written since the failure ({}); {} record(s) lost",
+                f.error,
+                f.dropped
+            ),
             (None, None) => Ok(()),
         }
     }

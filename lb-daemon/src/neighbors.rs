@@ -20,7 +20,11 @@ pub fn prime(addrs: &[IpAddr], timeout: Duration) -> std::io::Result<HashSet<IpA
     let deadline = Instant::now() + timeout;
     let mut answered = HashSet::new();
     for v6 in [false, true] {
-        let targets: HashSet<IpAddr> = addrs.iter().copied().filter(|a| a.is_ipv6() == v6).collect();
+        let targets: HashSet<IpAddr> = addrs
+            .iter()
+            .copied()
+            .filter(|a| a.is_ipv6() == v6)
+            .collect();
         if !targets.is_empty() {
             answered.extend(ping(&targets, v6, deadline)?);
         }
@@ -28,7 +32,11 @@ pub fn prime(addrs: &[IpAddr], timeout: Duration) -> std::io::Result<HashSet<IpA
     Ok(answered)
 }
 
-fn ping(targets: &HashSet<IpAddr>, v6: bool, deadline: Instant) -> std::io::Result<HashSet<IpAddr>> {
+fn ping(
+    targets: &HashSet<IpAddr>,
+    v6: bool,
+    deadline: Instant,
+) -> std::io::Result<HashSet<IpAddr>> {
     let sock = if v6 {
         // The kernel fills in ICMPv6 checksums on raw sockets.
         Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6))?
@@ -51,14 +59,21 @@ fn ping(targets: &HashSet<IpAddr>, v6: bool, deadline: Instant) -> std::io::Resu
         sock.set_read_timeout(Some(left))?;
         let (_, from) = match sock.recv_from(&mut buf) {
             Ok(r) => r,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => break,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                break;
+            }
             Err(e) => return Err(e),
         };
         // Any packet from the target proves its link-layer address is resolved.
-        if let Some(from) = from.as_socket().map(|s| s.ip()) {
-            if targets.contains(&from) {
-                answered.insert(from);
-            }
+        if let Some(from) = from.as_socket().map(|s| s.ip())
+            && targets.contains(&from)
+        {
+            answered.insert(from);
         }
     }
     Ok(answered)

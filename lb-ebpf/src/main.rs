@@ -40,11 +40,11 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    ACL_LOOKUP_PREFIX, AF_INET, AF_INET6, AclKey, AclRule, Backend, CONNTRACK_MAX, Config, HopCache,
-    ConnEvent, EVENTS_RING_BYTES, Flow, FlowKey, MAGLEV_TABLE_SIZE, MAX_ACL_RULES, MAX_BACKENDS,
-    MAX_SERVICES, NextHop, PROTO_TCP, PROTO_UDP, SOURCES_MAX, ServiceInfo, ServiceKey, SourceKey,
-    SourceState, VipKey, acl_action, close_reason, config_flags, deny_reason, event_kind,
-    flow_dir, flow_state, open_reason, service_flags, stat,
+    ACL_LOOKUP_PREFIX, AF_INET, AF_INET6, AclKey, AclRule, Backend, CONNTRACK_MAX, Config,
+    ConnEvent, EVENTS_RING_BYTES, Flow, FlowKey, HopCache, MAGLEV_TABLE_SIZE, MAX_ACL_RULES,
+    MAX_BACKENDS, MAX_SERVICES, NextHop, PROTO_TCP, PROTO_UDP, SOURCES_MAX, ServiceInfo,
+    ServiceKey, SourceKey, SourceState, VipKey, acl_action, close_reason, config_flags,
+    deny_reason, event_kind, flow_dir, flow_state, open_reason, service_flags, stat,
 };
 
 use headers::*;
@@ -138,9 +138,18 @@ fn drop_with(index: u32) -> Result<u32, ()> {
 /// host does not own the VIP and would route them away), passed to the host otherwise.
 #[inline(always)]
 fn not_handled(dst: &[u32; 4], af: u8, index: u32) -> Result<u32, ()> {
-    let key = VipKey { addr: *dst, af, _pad0: 0, _pad1: 0 };
+    let key = VipKey {
+        addr: *dst,
+        af,
+        _pad0: 0,
+        _pad1: 0,
+    };
     // SAFETY: map lookup; the value is not used.
-    if unsafe { VIPS.get(&key) }.is_some() { drop_with(index) } else { pass() }
+    if unsafe { VIPS.get(&key) }.is_some() {
+        drop_with(index)
+    } else {
+        pass()
+    }
 }
 
 /// Pointer to a `T` at `offset` in the packet, if the whole `T` is inside it.
@@ -213,7 +222,11 @@ fn ipv4(ctx: &XdpContext) -> Result<u32, ()> {
     };
     let dst = [dst, 0, 0, 0];
     let ihl = ((vhl & 0x0f) as usize) * 4;
-    if vhl >> 4 != 4 || ihl < 20 || tot_len < ihl || ctx.data() + ETH_HLEN + tot_len > ctx.data_end() {
+    if vhl >> 4 != 4
+        || ihl < 20
+        || tot_len < ihl
+        || ctx.data() + ETH_HLEN + tot_len > ctx.data_end()
+    {
         return not_handled(&dst, AF_INET, stat::DROP_MALFORMED);
     }
     if frag & 0x3fff != 0 {
@@ -221,9 +234,7 @@ fn ipv4(ctx: &XdpContext) -> Result<u32, ()> {
     }
     let l4 = ETH_HLEN + ihl;
     match proto {
-        PROTO_TCP | PROTO_UDP => {
-            Ok(handle(ctx, l4, tot_len - ihl, AF_INET))
-        }
+        PROTO_TCP | PROTO_UDP => Ok(handle(ctx, l4, tot_len - ihl, AF_INET)),
         IPPROTO_ICMP => Ok(icmp_error(ctx, l4, AF_INET)),
         _ => not_handled(&dst, AF_INET, stat::DROP_UNSUPPORTED),
     }
@@ -245,9 +256,7 @@ fn ipv6(ctx: &XdpContext) -> Result<u32, ()> {
     }
     let l4 = ETH_HLEN + IPV6_HLEN;
     match next {
-        PROTO_TCP | PROTO_UDP => {
-            Ok(handle(ctx, l4, plen, AF_INET6))
-        }
+        PROTO_TCP | PROTO_UDP => Ok(handle(ctx, l4, plen, AF_INET6)),
         IPPROTO_ICMPV6 => Ok(icmp_error(ctx, l4, AF_INET6)),
         IPPROTO_FRAGMENT => not_handled(&dst, AF_INET6, stat::DROP_FRAGMENT),
         // Hop-by-hop, routing, destination options, mobility, HIP, shim6, AH, ESP...
@@ -271,7 +280,9 @@ fn transport(
     af: u8,
 ) -> Result<bool, ()> {
     let (payload, flags, csum_off) = if proto == PROTO_TCP {
-        let Ok(t) = ptr_at::<[u8; TCP_HLEN]>(ctx, l4) else { return Ok(false) };
+        let Ok(t) = ptr_at::<[u8; TCP_HLEN]>(ctx, l4) else {
+            return Ok(false);
+        };
         // SAFETY: bounds-checked by `ptr_at`.
         let (doff, flags) = unsafe { ((((*t)[12] >> 4) as usize) * 4, (*t)[13]) };
         if doff < TCP_HLEN || doff > l4_len {
@@ -279,7 +290,9 @@ fn transport(
         }
         (l4_len - doff, flags, TCP_CSUM_OFF)
     } else {
-        let Ok(u) = ptr_at::<[u8; UDP_HLEN]>(ctx, l4) else { return Ok(false) };
+        let Ok(u) = ptr_at::<[u8; UDP_HLEN]>(ctx, l4) else {
+            return Ok(false);
+        };
         // SAFETY: bounds-checked by `ptr_at`.
         let ulen = unsafe { u16::from_be_bytes([(*u)[4], (*u)[5]]) } as usize;
         if ulen < UDP_HLEN || ulen > l4_len {
@@ -335,7 +348,16 @@ fn parse(ctx: &XdpContext, l4: usize, l4_len: usize, af: u8) -> u32 {
             // SAFETY: bounds-checked by `ptr_at`.
             Ok(ip) => unsafe {
                 let (s, d) = (rd(&raw const (*ip).saddr), rd(&raw const (*ip).daddr));
-                transport(ctx, pkt, l4, l4_len, (*ip).protocol, [s, 0, 0, 0], [d, 0, 0, 0], af)
+                transport(
+                    ctx,
+                    pkt,
+                    l4,
+                    l4_len,
+                    (*ip).protocol,
+                    [s, 0, 0, 0],
+                    [d, 0, 0, 0],
+                    af,
+                )
             },
             Err(()) => return xdp_action::XDP_PASS,
         }
@@ -343,7 +365,10 @@ fn parse(ctx: &XdpContext, l4: usize, l4_len: usize, af: u8) -> u32 {
         match ptr_at::<Ipv6Hdr>(ctx, ETH_HLEN) {
             // SAFETY: bounds-checked by `ptr_at`.
             Ok(ip) => unsafe {
-                let (s, d) = (copy::read_addr(&raw const (*ip).saddr), copy::read_addr(&raw const (*ip).daddr));
+                let (s, d) = (
+                    copy::read_addr(&raw const (*ip).saddr),
+                    copy::read_addr(&raw const (*ip).daddr),
+                );
                 transport(ctx, pkt, l4, l4_len, (*ip).nexthdr, s, d, af)
             },
             Err(()) => return xdp_action::XDP_PASS,
@@ -352,7 +377,9 @@ fn parse(ctx: &XdpContext, l4: usize, l4_len: usize, af: u8) -> u32 {
     match parsed {
         Ok(true) => {}
         Ok(false) => {
-            let Ok(dst) = outer_dst(ctx, af) else { return xdp_action::XDP_PASS };
+            let Ok(dst) = outer_dst(ctx, af) else {
+                return xdp_action::XDP_PASS;
+            };
             return not_handled(&dst, af, stat::DROP_MALFORMED).unwrap_or(xdp_action::XDP_PASS);
         }
         Err(()) => return xdp_action::XDP_PASS,
@@ -406,7 +433,12 @@ fn try_steer(ctx: &XdpContext, pkt: &Packet) -> Result<u32, ()> {
             return Ok(follow(ctx, pkt, e));
         }
     }
-    let svc_key = ServiceKey { addr: pkt.key.dst, port: pkt.key.dport, proto: pkt.key.proto, af: pkt.key.af };
+    let svc_key = ServiceKey {
+        addr: pkt.key.dst,
+        port: pkt.key.dport,
+        proto: pkt.key.proto,
+        af: pkt.key.af,
+    };
     // SAFETY: map value, valid for the duration of this run (not copied: stack space).
     let Some(svc) = (unsafe { SERVICES.get(&svc_key) }) else {
         // Not a service port; a packet to a VIP on another port is still not the host's.
@@ -442,7 +474,12 @@ fn try_new_flow(ctx: &XdpContext) -> Result<u32, ()> {
     let pkt = SCRATCH_PACKET.get_ptr(0).ok_or(())?;
     // SAFETY: per-CPU scratch, filled by `steer` during this run.
     let pkt = unsafe { &*pkt };
-    let svc_key = ServiceKey { addr: pkt.key.dst, port: pkt.key.dport, proto: pkt.key.proto, af: pkt.key.af };
+    let svc_key = ServiceKey {
+        addr: pkt.key.dst,
+        port: pkt.key.dport,
+        proto: pkt.key.proto,
+        af: pkt.key.af,
+    };
     // SAFETY: map value, valid for the duration of this run.
     let svc = unsafe { SERVICES.get(&svc_key) }.ok_or(())?;
     let refusal = open_flow(ctx, pkt, svc);
@@ -465,7 +502,17 @@ fn forward_opened(ctx: &XdpContext) -> u32 {
     };
     // SAFETY: per-CPU scratch, ours during this run.
     let (pkt, f) = unsafe { (&*pkt, &*f) };
-    if rewrite(ctx, pkt, &f.nat_src, &f.nat_dst, f.nat_sport, f.nat_dport, &f.hop).is_err() {
+    if rewrite(
+        ctx,
+        pkt,
+        &f.nat_src,
+        &f.nat_dst,
+        f.nat_sport,
+        f.nat_dport,
+        &f.hop,
+    )
+    .is_err()
+    {
         return xdp_action::XDP_DROP;
     }
     count(stat::FORWARDED);
@@ -484,7 +531,15 @@ fn try_follow(ctx: &XdpContext, pkt: &Packet, e: *mut Flow) -> Result<u32, ()> {
     // SAFETY: `e` points into FLOWS for the duration of this run; fields that other CPUs
     // update are only touched through `atomic`.
     let f = unsafe { &*e };
-    rewrite(ctx, pkt, &f.nat_src, &f.nat_dst, f.nat_sport, f.nat_dport, &f.hop)?;
+    rewrite(
+        ctx,
+        pkt,
+        &f.nat_src,
+        &f.nat_dst,
+        f.nat_sport,
+        f.nat_dport,
+        &f.hop,
+    )?;
     // SAFETY: as above.
     unsafe {
         atomic::add(&raw mut (*e).bytes, pkt.payload);
@@ -494,7 +549,11 @@ fn try_follow(ctx: &XdpContext, pkt: &Packet, e: *mut Flow) -> Result<u32, ()> {
     if pkt.key.proto == PROTO_TCP && pkt.flags & (TCP_FIN | TCP_RST) != 0 {
         track_close(pkt, e);
     }
-    count(if f.dir == flow_dir::FORWARD { stat::FORWARDED } else { stat::REPLIED });
+    count(if f.dir == flow_dir::FORWARD {
+        stat::FORWARDED
+    } else {
+        stat::REPLIED
+    });
     Ok(transmit(ctx, f.hop.ifindex))
 }
 
@@ -515,7 +574,9 @@ fn track_close(pkt: &Packet, e: *mut Flow) {
     // SAFETY: `e` points into FLOWS for the duration of this run.
     let f = unsafe { &*e };
     let peer_key = f.peer_key(pkt.key.proto, pkt.key.af);
-    let Some(peer) = FLOWS.get_ptr_mut(&peer_key) else { return };
+    let Some(peer) = FLOWS.get_ptr_mut(&peer_key) else {
+        return;
+    };
     let reason = if pkt.flags & TCP_RST != 0 {
         close_reason::RST
     } else {
@@ -528,12 +589,22 @@ fn track_close(pkt: &Packet, e: *mut Flow) {
         }
         close_reason::FIN
     };
-    let (fwd, rev, fkey) = if f.dir == flow_dir::FORWARD { (e, peer, pkt.key) } else { (peer, e, peer_key) };
+    let (fwd, rev, fkey) = if f.dir == flow_dir::FORWARD {
+        (e, peer, pkt.key)
+    } else {
+        (peer, e, peer_key)
+    };
     // SAFETY: aligned field of a live map value.
     let prev = unsafe { atomic::fetch_or(&raw mut (*fwd).state, flow_state::CLOSED) };
     if prev & flow_state::CLOSED == 0 {
         // SAFETY: live map values.
-        emit_flow(event_kind::CONN_CLOSE, reason, &fkey, unsafe { &*fwd }, unsafe { &*rev });
+        emit_flow(
+            event_kind::CONN_CLOSE,
+            reason,
+            &fkey,
+            unsafe { &*fwd },
+            unsafe { &*rev },
+        );
     }
 }
 
@@ -588,16 +659,26 @@ fn try_open_flow(ctx: &XdpContext, pkt: &Packet, svc: &ServiceInfo) -> Result<()
         return Err(deny_code(deny_reason::NO_BACKEND, NO_RULE));
     }
     let slot = svc.id * cfg.maglev_size + flow_hash(key) % cfg.maglev_size;
-    let backend_idx = *MAGLEV.get(slot).ok_or(deny_code(deny_reason::NO_BACKEND, NO_RULE))?;
-    let be = BACKENDS.get(backend_idx).ok_or(deny_code(deny_reason::NO_BACKEND, NO_RULE))?;
+    let backend_idx = *MAGLEV
+        .get(slot)
+        .ok_or(deny_code(deny_reason::NO_BACKEND, NO_RULE))?;
+    let be = BACKENDS
+        .get(backend_idx)
+        .ok_or(deny_code(deny_reason::NO_BACKEND, NO_RULE))?;
     let to_backend = next_hop(ctx, be, backend_idx, coarse);
     if to_backend == 0 {
         return Err(drop_code(stat::DROP_NO_ROUTE));
     }
-    let fwd = SCRATCH_FLOW.get_ptr_mut(0).ok_or(drop_code(stat::DENY_CONNTRACK_FULL))?;
-    let rev = SCRATCH_FLOW.get_ptr_mut(1).ok_or(drop_code(stat::DENY_CONNTRACK_FULL))?;
+    let fwd = SCRATCH_FLOW
+        .get_ptr_mut(0)
+        .ok_or(drop_code(stat::DENY_CONNTRACK_FULL))?;
+    let rev = SCRATCH_FLOW
+        .get_ptr_mut(1)
+        .ok_or(drop_code(stat::DENY_CONNTRACK_FULL))?;
     let eth: *mut EthHdr = ptr_at(ctx, 0).map_err(|()| drop_code(stat::DROP_MALFORMED))?;
-    let hops = HOPS.get_ptr(backend_idx).ok_or(drop_code(stat::DROP_NO_ROUTE))?;
+    let hops = HOPS
+        .get_ptr(backend_idx)
+        .ok_or(drop_code(stat::DROP_NO_ROUTE))?;
     // SAFETY: per-CPU scratch values and cache, exclusively ours during this run; `eth` is
     // bounds-checked.
     let (fwd, rev) = unsafe {
@@ -658,7 +739,13 @@ fn try_open_flow(ctx: &XdpContext, pkt: &Packet, svc: &ServiceInfo) -> Result<()
 /// towards its rule; a deny rule, or no match on a service that has allow rules, refuses.
 #[inline(never)]
 fn check_acl(key: &FlowKey, svc: &ServiceInfo) -> Refusal {
-    let lookup = Key::new(ACL_LOOKUP_PREFIX, AclKey { scope: AclKey::scope(svc.id, key.af), addr: key.src });
+    let lookup = Key::new(
+        ACL_LOOKUP_PREFIX,
+        AclKey {
+            scope: AclKey::scope(svc.id, key.af),
+            addr: key.src,
+        },
+    );
     match ACL.get(&lookup) {
         Some(rule) => {
             let rule = *rule;
@@ -671,14 +758,22 @@ fn check_acl(key: &FlowKey, svc: &ServiceInfo) -> Refusal {
             }
             0
         }
-        None if svc.flags & service_flags::DEFAULT_DENY != 0 => deny_code(deny_reason::ACL, NO_RULE),
+        None if svc.flags & service_flags::DEFAULT_DENY != 0 => {
+            deny_code(deny_reason::ACL, NO_RULE)
+        }
         None => 0,
     }
 }
 
 #[inline(always)]
 fn source_key(key: &FlowKey, svc: &ServiceInfo) -> SourceKey {
-    SourceKey { addr: key.src, service_id: svc.id, af: key.af, _pad0: 0, _pad1: 0 }
+    SourceKey {
+        addr: key.src,
+        service_id: svc.id,
+        af: key.af,
+        _pad0: 0,
+        _pad1: 0,
+    }
 }
 
 /// Token bucket per source and service: `rate_per_sec` new flows per second, bursts of as
@@ -704,7 +799,11 @@ fn take_token(key: &FlowKey, svc: &ServiceInfo, now: u64) -> bool {
             }
         }
         None => {
-            let s = SourceState { tokens_micro: cap - TOKEN, refill_ns: now, ..SourceState::default() };
+            let s = SourceState {
+                tokens_micro: cap - TOKEN,
+                refill_ns: now,
+                ..SourceState::default()
+            };
             let _ = SOURCES.insert(&skey, &s, BPF_ANY as u64);
             true
         }
@@ -729,7 +828,9 @@ fn deny(pkt: &Packet, svc: &ServiceInfo, reason: u8, rule: u32) -> u32 {
         Some(s) => {
             // SAFETY: map value pointer for the duration of this run.
             let s = unsafe { &mut *s };
-            if s.last_deny_record_ns != 0 && now.saturating_sub(s.last_deny_record_ns) < DENY_RECORD_INTERVAL_NS {
+            if s.last_deny_record_ns != 0
+                && now.saturating_sub(s.last_deny_record_ns) < DENY_RECORD_INTERVAL_NS
+            {
                 s.suppressed += 1;
                 count(stat::DENY_RECORDS_SUPPRESSED);
                 return xdp_action::XDP_DROP;
@@ -740,7 +841,10 @@ fn deny(pkt: &Packet, svc: &ServiceInfo, reason: u8, rule: u32) -> u32 {
             n
         }
         None => {
-            let s = SourceState { last_deny_record_ns: now, ..SourceState::default() };
+            let s = SourceState {
+                last_deny_record_ns: now,
+                ..SourceState::default()
+            };
             let _ = SOURCES.insert(&skey, &s, BPF_ANY as u64);
             0
         }
@@ -818,7 +922,9 @@ fn reserve_snat_port(key: &FlowKey, be: &Backend, cfg: &Config, rev: &Flow) -> u
 /// resolved neighbour.
 #[inline(never)]
 fn next_hop(ctx: &XdpContext, be: &Backend, idx: u32, now: u64) -> u32 {
-    let Some(cache) = HOPS.get_ptr_mut(idx) else { return 0 };
+    let Some(cache) = HOPS.get_ptr_mut(idx) else {
+        return 0;
+    };
     // SAFETY: per-CPU slot, ours during this run.
     let cache = unsafe { &mut *cache };
     if cache.resolved_ns != 0 && now.saturating_sub(cache.resolved_ns) < HOP_TTL_NS {
@@ -838,7 +944,14 @@ fn next_hop(ctx: &XdpContext, be: &Backend, idx: u32, now: u64) -> u32 {
         p.__bindgen_anon_4.ipv4_dst = be.addr[0];
     }
     // SAFETY: `p` is a valid request of the size passed.
-    let rc = unsafe { fib_lookup(ctx.as_ptr(), &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0) };
+    let rc = unsafe {
+        fib_lookup(
+            ctx.as_ptr(),
+            &mut p,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         cache.resolved_ns = 0;
         return 0;
@@ -876,7 +989,10 @@ fn next_flow_id() -> u64 {
 #[inline(always)]
 fn flow_hash(key: &FlowKey) -> u32 {
     let mut h: u32 = 0x9e37_79b9;
-    for w in [key.src[0], key.src[1], key.src[2], key.src[3], key.dst[0], key.dst[1], key.dst[2], key.dst[3]] {
+    for w in [
+        key.src[0], key.src[1], key.src[2], key.src[3], key.dst[0], key.dst[1], key.dst[2],
+        key.dst[3],
+    ] {
         h = mix(h ^ w);
     }
     mix(h ^ ((key.sport as u32) << 16 | key.dport as u32) ^ (key.proto as u32) << 8)
@@ -894,7 +1010,15 @@ fn mix(mut h: u32) -> u32 {
 /// Rewrites source and destination address and port, fixes the checksums, sets the MACs.
 /// Every header is located (bounds-checked) before the first byte changes.
 #[inline(always)]
-fn rewrite(ctx: &XdpContext, pkt: &Packet, saddr: &[u32; 4], daddr: &[u32; 4], sport: u16, dport: u16, hop: &NextHop) -> Result<(), ()> {
+fn rewrite(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    saddr: &[u32; 4],
+    daddr: &[u32; 4],
+    sport: u16,
+    dport: u16,
+    hop: &NextHop,
+) -> Result<(), ()> {
     let k = &pkt.key;
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
     // The offset comes back from a map: bound it again for the verifier.
@@ -903,7 +1027,15 @@ fn rewrite(ctx: &XdpContext, pkt: &Packet, saddr: &[u32; 4], daddr: &[u32; 4], s
         return Err(());
     }
     let l4: *mut L4Ports = ptr_at(ctx, l4_off)?;
-    let csum: *mut u16 = ptr_at(ctx, l4_off + if k.proto == PROTO_TCP { TCP_CSUM_OFF } else { UDP_CSUM_OFF })?;
+    let csum: *mut u16 = ptr_at(
+        ctx,
+        l4_off
+            + if k.proto == PROTO_TCP {
+                TCP_CSUM_OFF
+            } else {
+                UDP_CSUM_OFF
+            },
+    )?;
     // SAFETY: every pointer is bounds-checked by `ptr_at`.
     unsafe {
         let mut c = rd(csum);
@@ -930,7 +1062,14 @@ fn rewrite(ctx: &XdpContext, pkt: &Packet, saddr: &[u32; 4], daddr: &[u32; 4], s
         c = csum::replace2(c, k.dport, dport);
         if has_csum {
             // For UDP a computed 0 is sent as all ones (RFC 768).
-            wr(csum, if c == 0 && k.proto == PROTO_UDP { 0xffff } else { c });
+            wr(
+                csum,
+                if c == 0 && k.proto == PROTO_UDP {
+                    0xffff
+                } else {
+                    c
+                },
+            );
         }
         wr(&raw mut (*l4).source, sport);
         wr(&raw mut (*l4).dest, dport);
@@ -1019,7 +1158,11 @@ fn try_icmp_error(ctx: &XdpContext, l4: usize, af: u8) -> Result<u32, ()> {
     }
     key.sport = rev.nat_dport;
     key.dport = rev.nat_sport;
-    let translated = if af == AF_INET { icmp_translate4(ctx, l4, key) } else { icmp_translate6(ctx, l4, key) };
+    let translated = if af == AF_INET {
+        icmp_translate4(ctx, l4, key)
+    } else {
+        icmp_translate6(ctx, l4, key)
+    };
     if !translated {
         return pass();
     }
@@ -1051,23 +1194,43 @@ fn outer_dst(ctx: &XdpContext, af: u8) -> Result<[u32; 4], ()> {
 /// (client → VIP); returns the ICMP checksum `ic` updated for those changes, or a value above
 /// 0xffff when the quoted ports are not in the packet.
 #[inline(never)]
-fn icmp_quoted_ports(ctx: &XdpContext, inner_l4: usize, from: &FlowKey, to: &FlowKey, ic: u16) -> u32 {
-    let Ok(ports) = ptr_at::<L4Ports>(ctx, inner_l4) else { return u32::MAX };
+fn icmp_quoted_ports(
+    ctx: &XdpContext,
+    inner_l4: usize,
+    from: &FlowKey,
+    to: &FlowKey,
+    ic: u16,
+) -> u32 {
+    let Ok(ports) = ptr_at::<L4Ports>(ctx, inner_l4) else {
+        return u32::MAX;
+    };
     let mut ic = ic;
     // UDP's checksum is always inside the 8 quoted bytes; TCP's only when the router quoted
     // enough. A zero UDP checksum means none.
-    let off = if from.proto == PROTO_TCP { TCP_CSUM_OFF } else { UDP_CSUM_OFF };
+    let off = if from.proto == PROTO_TCP {
+        TCP_CSUM_OFF
+    } else {
+        UDP_CSUM_OFF
+    };
     // SAFETY: every pointer is bounds-checked by `ptr_at`.
     unsafe {
         if let Ok(qc) = ptr_at::<u16>(ctx, inner_l4 + off) {
             let old = rd(qc);
             if old != 0 || from.proto == PROTO_TCP {
                 let mut new = if from.af == AF_INET {
-                    csum::replace4(csum::replace4(old, from.src[0], to.src[0]), from.dst[0], to.dst[0])
+                    csum::replace4(
+                        csum::replace4(old, from.src[0], to.src[0]),
+                        from.dst[0],
+                        to.dst[0],
+                    )
                 } else {
                     csum::replace16(csum::replace16(old, &from.src, &to.src), &from.dst, &to.dst)
                 };
-                new = csum::replace2(csum::replace2(new, from.sport, to.sport), from.dport, to.dport);
+                new = csum::replace2(
+                    csum::replace2(new, from.sport, to.sport),
+                    from.dport,
+                    to.dport,
+                );
                 wr(qc, new);
                 ic = csum::replace2(ic, old, new);
             }
@@ -1075,7 +1238,11 @@ fn icmp_quoted_ports(ctx: &XdpContext, inner_l4: usize, from: &FlowKey, to: &Flo
         wr(&raw mut (*ports).source, to.sport);
         wr(&raw mut (*ports).dest, to.dport);
     }
-    csum::replace2(csum::replace2(ic, from.sport, to.sport), from.dport, to.dport) as u32
+    csum::replace2(
+        csum::replace2(ic, from.sport, to.sport),
+        from.dport,
+        to.dport,
+    ) as u32
 }
 
 /// IPv4: the quoted packet snat:port → backend:port becomes client → VIP; the error goes from
@@ -1102,21 +1269,39 @@ fn try_icmp_translate4(ctx: &XdpContext, l4: usize, ck: &FlowKey) -> Result<(), 
             af: AF_INET,
             _pad: 0,
         };
-        let ic = icmp_quoted_ports(ctx, l4 + ICMP_HLEN + 20, &from, ck, rd(&raw const (*icmp).check));
+        let ic = icmp_quoted_ports(
+            ctx,
+            l4 + ICMP_HLEN + 20,
+            &from,
+            ck,
+            rd(&raw const (*icmp).check),
+        );
         if ic > 0xffff {
             return Err(());
         }
         let mut ic = ic as u16;
         let old = rd(&raw const (*iip).check);
-        let new = csum::replace4(csum::replace4(old, from.src[0], ck.src[0]), from.dst[0], ck.dst[0]);
+        let new = csum::replace4(
+            csum::replace4(old, from.src[0], ck.src[0]),
+            from.dst[0],
+            ck.dst[0],
+        );
         wr(&raw mut (*iip).check, new);
         wr(&raw mut (*iip).saddr, ck.src[0]);
         wr(&raw mut (*iip).daddr, ck.dst[0]);
         ic = csum::replace2(ic, old, new);
-        ic = csum::replace4(csum::replace4(ic, from.src[0], ck.src[0]), from.dst[0], ck.dst[0]);
+        ic = csum::replace4(
+            csum::replace4(ic, from.src[0], ck.src[0]),
+            from.dst[0],
+            ck.dst[0],
+        );
         wr(&raw mut (*icmp).check, ic);
         let (osrc, odst) = (rd(&raw const (*ip).saddr), rd(&raw const (*ip).daddr));
-        let oc = csum::replace4(csum::replace4(rd(&raw const (*ip).check), osrc, ck.dst[0]), odst, ck.src[0]);
+        let oc = csum::replace4(
+            csum::replace4(rd(&raw const (*ip).check), osrc, ck.dst[0]),
+            odst,
+            ck.src[0],
+        );
         wr(&raw mut (*ip).check, oc);
         wr(&raw mut (*ip).saddr, ck.dst[0]);
         wr(&raw mut (*ip).daddr, ck.src[0]);
@@ -1147,11 +1332,21 @@ fn try_icmp_translate6(ctx: &XdpContext, l4: usize, ck: &FlowKey) -> Result<(), 
             af: AF_INET6,
             _pad: 0,
         };
-        let ic = icmp_quoted_ports(ctx, l4 + ICMP_HLEN + IPV6_HLEN, &from, ck, rd(&raw const (*icmp).check));
+        let ic = icmp_quoted_ports(
+            ctx,
+            l4 + ICMP_HLEN + IPV6_HLEN,
+            &from,
+            ck,
+            rd(&raw const (*icmp).check),
+        );
         if ic > 0xffff {
             return Err(());
         }
-        let mut ic = csum::replace16(csum::replace16(ic as u16, &from.src, &ck.src), &from.dst, &ck.dst);
+        let mut ic = csum::replace16(
+            csum::replace16(ic as u16, &from.src, &ck.src),
+            &from.dst,
+            &ck.dst,
+        );
         wr(&raw mut (*iip).saddr, ck.src);
         wr(&raw mut (*iip).daddr, ck.dst);
         // Outer addresses, reusing `from` as scratch (stack space).

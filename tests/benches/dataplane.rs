@@ -46,7 +46,10 @@ fn main() {
     println!("| path | ns/packet | × floor | target |");
     println!("|---|---:|---:|---|");
     for r in &rows {
-        println!("| {} | {:.1} | {:.2} | {} |", r.name, r.ns, r.ratio, r.target);
+        println!(
+            "| {} | {:.1} | {:.2} | {} |",
+            r.name, r.ns, r.ratio, r.target
+        );
     }
 }
 
@@ -62,7 +65,10 @@ fn service(name: &str, proto: Proto, vip: &str, backend: &str) -> ServiceSpec {
         name: name.into(),
         proto,
         vip: vip.parse().unwrap(),
-        backends: vec![BackendSpec { addr: backend.parse().unwrap(), weight: 1 }],
+        backends: vec![BackendSpec {
+            addr: backend.parse().unwrap(),
+            weight: 1,
+        }],
         allow: vec![],
         deny: vec![],
         rate_limit: None,
@@ -87,8 +93,10 @@ fn load(services: Vec<ServiceSpec>, snat_ports: (u16, u16), conntrack: u32) -> D
         conntrack_size: conntrack,
     };
     let placed = balancer::place(&settings).expect("placing services");
-    let mut dp = Dataplane::load(settings.maglev_table_size, conntrack).expect("loading the data plane");
-    dp.configure(snat_ports, settings.maglev_table_size, 1 << 24).unwrap();
+    let mut dp =
+        Dataplane::load(settings.maglev_table_size, conntrack).expect("loading the data plane");
+    dp.configure(snat_ports, settings.maglev_table_size, 1 << 24)
+        .unwrap();
     dp.install(&placed).unwrap();
     dp
 }
@@ -126,12 +134,22 @@ fn once_each(
     let (mut total, mut n) = (0u128, 0u64);
     let mut out = vec![0u8; 512];
     for f in frames {
-        let prog = if pass_program { dp.pass_program() } else { dp.program() }.expect("program");
+        let prog = if pass_program {
+            dp.pass_program()
+        } else {
+            dp.program()
+        }
+        .expect("program");
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(&f);
         opts.data_out = Some(&mut out);
         let r = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
-        assert_eq!(r.return_value, want, "unexpected action while benchmarking: counters {:?}", dp.stats());
+        assert_eq!(
+            r.return_value,
+            want,
+            "unexpected action while benchmarking: counters {:?}",
+            dp.stats()
+        );
         total += r.duration.as_nanos();
         n += 1;
         if n % 8192 == 0 {
@@ -142,7 +160,11 @@ fn once_each(
 }
 
 fn end(ip: &str, port: u16) -> End {
-    End { mac: MAC, ip: ip.parse::<IpAddr>().unwrap(), port }
+    End {
+        mac: MAC,
+        ip: ip.parse::<IpAddr>().unwrap(),
+        port,
+    }
 }
 
 fn measure(repeat: u32) -> Vec<Row> {
@@ -163,16 +185,34 @@ fn measure(repeat: u32) -> Vec<Row> {
         (PORT, PORT),
         65536,
     );
-    let (client, tcp_vip, udp_vip) = (end("10.0.2.1", PORT), end("10.0.2.2", 8080), end("10.0.2.3", 5353));
-    let floor = repeated(dp.pass_program().unwrap(), &packet::syn(client, tcp_vip), XDP_PASS, repeat);
+    let (client, tcp_vip, udp_vip) = (
+        end("10.0.2.1", PORT),
+        end("10.0.2.2", 8080),
+        end("10.0.2.3", 5353),
+    );
+    let floor = repeated(
+        dp.pass_program().unwrap(),
+        &packet::syn(client, tcp_vip),
+        XDP_PASS,
+        repeat,
+    );
 
     let syn = packet::syn(client, tcp_vip);
     let opened = once(dp.program().unwrap(), &syn);
-    assert_eq!(opened, XDP_REDIRECT, "opening the benchmark flow: counters {:?}", dp.stats().unwrap());
+    assert_eq!(
+        opened,
+        XDP_REDIRECT,
+        "opening the benchmark flow: counters {:?}",
+        dp.stats().unwrap()
+    );
     let prog = dp.program().unwrap();
     let established = packet::tcp_frame(client, tcp_vip, TCP_ACK, 1, &[0u8; 64]);
     let udp = packet::frame(client, udp_vip, L4::Udp, &[0u8; 64]);
-    assert_eq!(once(prog, &udp), XDP_REDIRECT, "opening the UDP benchmark flow");
+    assert_eq!(
+        once(prog, &udp),
+        XDP_REDIRECT,
+        "opening the UDP benchmark flow"
+    );
     let reply = packet::tcp_frame(tcp_vip, client, TCP_ACK, 1, &[0u8; 64]);
     let ssh = packet::syn(client, end("10.0.2.4", 22));
 
@@ -188,8 +228,19 @@ fn measure(repeat: u32) -> Vec<Row> {
     // time) the ring buffer is drained, as the daemon does, and the flows are removed, as they
     // would close: the SNAT port space towards one backend (64k ports) stays far from full.
     let n = repeat;
-    let mut dp2 = load(vec![service("new", Proto::Tcp, "10.0.0.100:80", "10.0.2.5:80")], (1024, 65535), 65536);
-    let syns = || (0..n).map(|i| packet::syn(end(&ip_of(i), 1024 + (i % 60000) as u16), end("10.0.0.100", 80)));
+    let mut dp2 = load(
+        vec![service("new", Proto::Tcp, "10.0.0.100:80", "10.0.2.5:80")],
+        (1024, 65535),
+        65536,
+    );
+    let syns = || {
+        (0..n).map(|i| {
+            packet::syn(
+                end(&ip_of(i), 1024 + (i % 60000) as u16),
+                end("10.0.0.100", 80),
+            )
+        })
+    };
     let pass_each = once_each(&mut dp2, true, syns(), XDP_PASS, |_| {});
     let mut ring = dp2.take_events().unwrap();
     let mut records = 0u64;
@@ -204,15 +255,49 @@ fn measure(repeat: u32) -> Vec<Row> {
     let new_ns = once_each(&mut dp2, false, syns(), XDP_REDIRECT, &mut drain);
     drain(&mut dp2);
     let lost = dp2.stats().unwrap()[lb_common::stat::RINGBUF_LOSS as usize];
-    assert_eq!((records, lost), (n as u64, 0), "one conn_open per new flow, none lost");
+    assert_eq!(
+        (records, lost),
+        (n as u64, 0),
+        "one conn_open per new flow, none lost"
+    );
 
     vec![
-        Row { name: "XDP_PASS program (floor)", ns: floor, ratio: 1.0, target: "" },
-        Row { name: "established TCP forward", ns: fwd, ratio: fwd / floor, target: "≤ 3×" },
-        Row { name: "reply (reverse NAT)", ns: rev, ratio: rev / floor, target: "≤ 3×" },
-        Row { name: "UDP forward", ns: udp_ns, ratio: udp_ns / floor, target: "≤ 3×" },
-        Row { name: "ACL deny", ns: deny_ns, ratio: deny_ns / floor, target: "" },
-        Row { name: "XDP_PASS program, one run per call (floor)", ns: pass_each, ratio: 1.0, target: "" },
+        Row {
+            name: "XDP_PASS program (floor)",
+            ns: floor,
+            ratio: 1.0,
+            target: "",
+        },
+        Row {
+            name: "established TCP forward",
+            ns: fwd,
+            ratio: fwd / floor,
+            target: "≤ 3×",
+        },
+        Row {
+            name: "reply (reverse NAT)",
+            ns: rev,
+            ratio: rev / floor,
+            target: "≤ 3×",
+        },
+        Row {
+            name: "UDP forward",
+            ns: udp_ns,
+            ratio: udp_ns / floor,
+            target: "≤ 3×",
+        },
+        Row {
+            name: "ACL deny",
+            ns: deny_ns,
+            ratio: deny_ns / floor,
+            target: "",
+        },
+        Row {
+            name: "XDP_PASS program, one run per call (floor)",
+            ns: pass_each,
+            ratio: 1.0,
+            target: "",
+        },
         Row {
             name: "new TCP flow (SYN: Maglev + conntrack insert + record), one run per call",
             ns: new_ns,

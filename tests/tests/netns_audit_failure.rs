@@ -9,7 +9,9 @@ use std::{
     time::Duration,
 };
 
-use lb_tests::{EchoServer, TempDir, Topology, audit::of_kind, echo_exchange, read_audit, require_root};
+use lb_tests::{
+    EchoServer, TempDir, Topology, audit::of_kind, echo_exchange, read_audit, require_root,
+};
 
 /// A tmpfs mounted for the test, unmounted on drop.
 struct Tmpfs(PathBuf);
@@ -17,7 +19,11 @@ struct Tmpfs(PathBuf);
 impl Tmpfs {
     fn mount(at: &Path, size: &str) -> Tmpfs {
         std::fs::create_dir_all(at).unwrap();
-        let ok = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(at).status().unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .unwrap();
         assert!(ok.success(), "mounting a tmpfs at {}", at.display());
         Tmpfs(at.to_path_buf())
     }
@@ -58,7 +64,9 @@ fn scenario(tag: &str, policy: &str) -> ((usize, usize, usize), Vec<serde_json::
             (0..n)
                 .filter(|i| {
                     let payload = vec![*i as u8; 100];
-                    echo_exchange(Topology::vip(), &payload, limit).map(|e| e.received == payload).unwrap_or(false)
+                    echo_exchange(Topology::vip(), &payload, limit)
+                        .map(|e| e.received == payload)
+                        .unwrap_or(false)
                 })
                 .count()
         })
@@ -76,13 +84,29 @@ fn scenario(tag: &str, policy: &str) -> ((usize, usize, usize), Vec<serde_json::
     let after = burst(5, Duration::from_millis(700));
     daemon.stop(Duration::from_secs(10)).expect("stop");
     let log = read_audit(&fs.0).expect("the log decodes");
-    let verify = Command::new(lb_tests::bin("lb-audit").unwrap()).arg("verify").arg(&fs.0).output().unwrap();
-    assert!(verify.status.success(), "lb-audit verify: {}", String::from_utf8_lossy(&verify.stdout));
-    ((before, during, after), log, String::from_utf8_lossy(&verify.stdout).into_owned())
+    let verify = Command::new(lb_tests::bin("lb-audit").unwrap())
+        .arg("verify")
+        .arg(&fs.0)
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "lb-audit verify: {}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+    (
+        (before, during, after),
+        log,
+        String::from_utf8_lossy(&verify.stdout).into_owned(),
+    )
 }
 
 fn loss_count(log: &[serde_json::Value]) -> u64 {
-    of_kind(log, "loss").iter().filter(|r| r["source"] == "write_failure").map(|r| r["count"].as_u64().unwrap()).sum()
+    of_kind(log, "loss")
+        .iter()
+        .filter(|r| r["source"] == "write_failure")
+        .map(|r| r["count"].as_u64().unwrap())
+        .sum()
 }
 
 #[test]
@@ -91,10 +115,18 @@ fn fail_closed_refuses_new_flows_while_the_log_cannot_be_written() {
         return;
     }
     let ((before, during, after), log, verify) = scenario("fclosed", "fail-closed");
-    eprintln!("fail-closed: {before} before, {during} during, {after} after the outage; verify: {verify}");
+    eprintln!(
+        "fail-closed: {before} before, {during} during, {after} after the outage; verify: {verify}"
+    );
     assert_eq!((before, during, after), (5, 0, 5));
-    assert!(loss_count(&log) >= 1, "a loss record states the records that were not written");
-    assert!(verify.contains("write_failure"), "verify's summary names the loss: {verify}");
+    assert!(
+        loss_count(&log) >= 1,
+        "a loss record states the records that were not written"
+    );
+    assert!(
+        verify.contains("write_failure"),
+        "verify's summary names the loss: {verify}"
+    );
 }
 
 #[test]
@@ -103,12 +135,22 @@ fn fail_open_keeps_forwarding_and_accounts_for_the_gap() {
         return;
     }
     let ((before, during, after), log, verify) = scenario("fopen", "fail-open");
-    eprintln!("fail-open: {before} before, {during} during, {after} after the outage; verify: {verify}");
+    eprintln!(
+        "fail-open: {before} before, {during} during, {after} after the outage; verify: {verify}"
+    );
     assert_eq!((before, during, after), (5, 10, 5));
     // The outage's flows are missing from the log, and the loss record counts at least the
     // opens and closes of the 10 flows after the failure.
-    assert!(loss_count(&log) >= 20, "loss {} for at least 10 flows", loss_count(&log));
+    assert!(
+        loss_count(&log) >= 20,
+        "loss {} for at least 10 flows",
+        loss_count(&log)
+    );
     let opens = of_kind(&log, "conn_open").len() as u64;
     let closes = of_kind(&log, "conn_close").len() as u64;
-    assert_eq!(opens + closes + loss_count(&log), 2 * (5 + 80 + 10 + 5), "every record is either in the log or counted as lost");
+    assert_eq!(
+        opens + closes + loss_count(&log),
+        2 * (5 + 80 + 10 + 5),
+        "every record is either in the log or counted as lost"
+    );
 }

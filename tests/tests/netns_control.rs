@@ -11,7 +11,9 @@ use std::{
     time::Duration,
 };
 
-use lb_tests::{EchoServer, TempDir, Topology, audit::of_kind, echo_exchange, read_audit, require_root};
+use lb_tests::{
+    EchoServer, TempDir, Topology, audit::of_kind, echo_exchange, read_audit, require_root,
+};
 
 /// Runs lbctl as `uid:gid` (0 = root) and returns (exit code, stdout, stderr).
 fn lbctl(socket: &Path, uid: u32, args: &[&str]) -> (i32, String, String) {
@@ -20,11 +22,25 @@ fn lbctl(socket: &Path, uid: u32, args: &[&str]) -> (i32, String, String) {
         Command::new(&bin)
     } else {
         let mut c = Command::new("setpriv");
-        c.args([format!("--reuid={uid}"), format!("--regid={uid}"), "--clear-groups".into()]).arg(&bin);
+        c.args([
+            format!("--reuid={uid}"),
+            format!("--regid={uid}"),
+            "--clear-groups".into(),
+        ])
+        .arg(&bin);
         c
     };
-    let o = cmd.arg("--socket").arg(socket).args(args).output().expect("running lbctl");
-    (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into(), String::from_utf8_lossy(&o.stderr).into())
+    let o = cmd
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("running lbctl");
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
 }
 
 #[test]
@@ -40,31 +56,56 @@ fn roles_are_enforced_and_a_drain_is_proven() {
     let s2 = EchoServer::start(t.ns("backend2").name(), a2).unwrap();
     let audit = dir.path().join("audit");
     let mut args = Topology::daemon_args(&audit);
-    args.extend([format!("--control-socket={}", socket.display()), "--role=viewer=user:nobody".into()]);
+    args.extend([
+        format!("--control-socket={}", socket.display()),
+        "--role=viewer=user:nobody".into(),
+    ]);
     let mut daemon = t.spawn_daemon(&args).expect("daemon");
     daemon.wait_ready(Duration::from_secs(20)).expect("ready");
     // The socket is 0660; give its group to nobody's group for the test (operators use a group
     // such as lb-admin).
-    assert!(Command::new("chgrp").arg("65534").arg(&socket).status().unwrap().success());
-    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    assert!(
+        Command::new("chgrp")
+            .arg("65534")
+            .arg(&socket)
+            .status()
+            .unwrap()
+            .success()
+    );
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
 
     // A viewer reads...
     let (code, out, err) = lbctl(&socket, 65534, &["services"]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("web") && out.contains("10.0.0.100:80"), "{out}");
+    assert!(
+        out.contains("web") && out.contains("10.0.0.100:80"),
+        "{out}"
+    );
     // ...and may not change anything: refused (exit 3), and on record.
-    let (code, _, err) = lbctl(&socket, 65534, &["backend", "drain", "web", &a2.to_string()]);
+    let (code, _, err) = lbctl(
+        &socket,
+        65534,
+        &["backend", "drain", "web", &a2.to_string()],
+    );
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("Operator"), "{err}");
     // Invalid requests are told apart from refusals.
-    assert_eq!(lbctl(&socket, 0, &["backend", "drain", "web", "10.9.9.9:1"]).0, 4);
+    assert_eq!(
+        lbctl(&socket, 0, &["backend", "drain", "web", "10.9.9.9:1"]).0,
+        4
+    );
     assert_eq!(lbctl(&socket, 0, &["backends", "nope"]).0, 4);
 
     // An established connection to backend2, kept open across the drain.
     let long = t.ns("client").enter(|| {
         (0..20)
             .find_map(|_| {
-                let s = TcpStream::connect_timeout(&Topology::vip(), Duration::from_secs(2)).ok()?;
+                let s =
+                    TcpStream::connect_timeout(&Topology::vip(), Duration::from_secs(2)).ok()?;
                 std::thread::sleep(Duration::from_millis(50));
                 (s2.accepted() > 0 && s2.served().is_empty()).then_some(s)
             })
@@ -74,10 +115,18 @@ fn roles_are_enforced_and_a_drain_is_proven() {
     assert_eq!(code, 0, "{out}{err}");
     let before = s2.accepted();
     let ok = t.ns("client").enter(|| {
-        (0..30).filter(|i| echo_exchange(Topology::vip(), &[*i as u8; 16], Duration::from_secs(2)).is_ok()).count()
+        (0..30)
+            .filter(|i| {
+                echo_exchange(Topology::vip(), &[*i as u8; 16], Duration::from_secs(2)).is_ok()
+            })
+            .count()
     });
     assert_eq!(ok, 30);
-    assert_eq!(s2.accepted(), before, "no new flow reached the drained backend");
+    assert_eq!(
+        s2.accepted(),
+        before,
+        "no new flow reached the drained backend"
+    );
     // The established one still works.
     let mut long = long;
     long.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
@@ -92,9 +141,28 @@ fn roles_are_enforced_and_a_drain_is_proven() {
     let (code, out, _) = lbctl(&socket, 0, &["--json", "backends", "web"]);
     assert_eq!(code, 0);
     assert!(out.contains("\"drained\":true"), "{out}");
-    assert_eq!(lbctl(&socket, 0, &["backend", "undrain", "web", &a2.to_string()]).0, 0);
-    assert_eq!(lbctl(&socket, 0, &["backend", "weight", "web", &a2.to_string(), "5"]).0, 0);
-    assert_eq!(lbctl(&socket, 0, &["backend", "weight", "web", &a2.to_string(), "0"]).0, 4);
+    assert_eq!(
+        lbctl(&socket, 0, &["backend", "undrain", "web", &a2.to_string()]).0,
+        0
+    );
+    assert_eq!(
+        lbctl(
+            &socket,
+            0,
+            &["backend", "weight", "web", &a2.to_string(), "5"]
+        )
+        .0,
+        0
+    );
+    assert_eq!(
+        lbctl(
+            &socket,
+            0,
+            &["backend", "weight", "web", &a2.to_string(), "0"]
+        )
+        .0,
+        4
+    );
     let (code, out, _) = lbctl(&socket, 0, &["flows"]);
     assert_eq!(code, 0);
     assert!(out.starts_with("PROTO"), "{out}");
@@ -103,21 +171,48 @@ fn roles_are_enforced_and_a_drain_is_proven() {
     let log = read_audit(&audit).unwrap();
     let denied = of_kind(&log, "control_denied");
     assert_eq!(denied.len(), 1);
-    assert_eq!((denied[0]["actor"]["uid"].as_u64(), denied[0]["action"].as_str()), (Some(65534), Some("backend.drain")));
-    assert!(denied[0]["actor"]["exe"].as_str().is_some_and(|e| e.ends_with("lbctl")), "{}", denied[0]);
+    assert_eq!(
+        (
+            denied[0]["actor"]["uid"].as_u64(),
+            denied[0]["action"].as_str()
+        ),
+        (Some(65534), Some("backend.drain"))
+    );
+    assert!(
+        denied[0]["actor"]["exe"]
+            .as_str()
+            .is_some_and(|e| e.ends_with("lbctl")),
+        "{}",
+        denied[0]
+    );
     let changes = of_kind(&log, "config_change");
-    let actions: Vec<&str> = changes.iter().map(|c| c["action"].as_str().unwrap()).collect();
-    assert_eq!(actions, ["backend.drain", "backend.undrain", "backend.weight"]);
+    let actions: Vec<&str> = changes
+        .iter()
+        .map(|c| c["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        ["backend.drain", "backend.undrain", "backend.weight"]
+    );
     assert_eq!(changes[0]["before"]["drained"], false);
     assert_eq!(changes[0]["after"]["drained"], true);
     assert_eq!(changes[2]["after"]["weight"], 5);
-    assert_eq!((changes[0]["generation_before"].as_u64(), changes[2]["generation_after"].as_u64()), (Some(1), Some(4)));
+    assert_eq!(
+        (
+            changes[0]["generation_before"].as_u64(),
+            changes[2]["generation_after"].as_u64()
+        ),
+        (Some(1), Some(4))
+    );
     assert_eq!(changes[0]["actor"]["uid"], 0);
     let drained = of_kind(&log, "backend_drained");
     assert_eq!(drained.len(), 1, "the drain completed once");
     assert_eq!(drained[0]["backend"], a2.to_string());
     // Between the drain and the undrain records, no flow opened to the drained backend.
-    let (drain_seq, undrain_seq) = (changes[0]["seq"].as_u64().unwrap(), changes[1]["seq"].as_u64().unwrap());
+    let (drain_seq, undrain_seq) = (
+        changes[0]["seq"].as_u64().unwrap(),
+        changes[1]["seq"].as_u64().unwrap(),
+    );
     let during: Vec<_> = of_kind(&log, "conn_open")
         .into_iter()
         .filter(|o| (drain_seq..undrain_seq).contains(&o["seq"].as_u64().unwrap()))
@@ -127,16 +222,37 @@ fn roles_are_enforced_and_a_drain_is_proven() {
 
     // The log alone says what the configuration was, now and at the drain.
     let backend2 = |cfg: &serde_json::Value| {
-        cfg["services"][0]["backends"].as_array().unwrap().iter().find(|b| b["addr"] == a2.to_string()).unwrap().clone()
+        cfg["services"][0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["addr"] == a2.to_string())
+            .unwrap()
+            .clone()
     };
     let now = config_at(&audit, None);
-    assert_eq!((backend2(&now)["weight"].as_u64(), backend2(&now)["drained"].as_bool()), (Some(5), Some(false)));
+    assert_eq!(
+        (
+            backend2(&now)["weight"].as_u64(),
+            backend2(&now)["drained"].as_bool()
+        ),
+        (Some(5), Some(false))
+    );
     assert_eq!(now["config_generation"], 4);
     let at_drain = config_at(&audit, changes[0]["time"].as_str());
-    assert_eq!((backend2(&at_drain)["weight"].as_u64(), backend2(&at_drain)["drained"].as_bool()), (Some(2), Some(true)));
+    assert_eq!(
+        (
+            backend2(&at_drain)["weight"].as_u64(),
+            backend2(&at_drain)["drained"].as_bool()
+        ),
+        (Some(2), Some(true))
+    );
     let at_start = config_at(&audit, log[0]["time"].as_str());
     assert_eq!(at_start["config_generation"], 1);
-    assert!(backend2(&at_start)["drained"].is_null(), "nothing drained at start");
+    assert!(
+        backend2(&at_start)["drained"].is_null(),
+        "nothing drained at start"
+    );
 }
 
 /// `lb-audit config --at` rebuilds, from the log alone, what the daemon had at each moment.

@@ -10,7 +10,9 @@ use std::{
     time::Duration,
 };
 
-use lb_tests::{EchoServer, TempDir, Topology, audit::of_kind, echo_exchange, read_audit, require_root};
+use lb_tests::{
+    EchoServer, TempDir, Topology, audit::of_kind, echo_exchange, read_audit, require_root,
+};
 
 #[test]
 fn kill_9_mid_traffic_leaves_a_verifiable_log_that_a_restart_continues() {
@@ -23,7 +25,12 @@ fn kill_9_mid_traffic_leaves_a_verifiable_log_that_a_restart_continues() {
     let _s1 = EchoServer::start(t.ns("backend1").name(), a1).unwrap();
     let _s2 = EchoServer::start(t.ns("backend2").name(), a2).unwrap();
     let mut args = Topology::daemon_args(dir.path());
-    args.extend(["--audit-fsync".into(), "always".into(), "--audit-checkpoint-records".into(), "20".into()]);
+    args.extend([
+        "--audit-fsync".into(),
+        "always".into(),
+        "--audit-checkpoint-records".into(),
+        "20".into(),
+    ]);
     let mut daemon = t.spawn_daemon(&args).expect("daemon");
     daemon.wait_ready(Duration::from_secs(20)).expect("ready");
 
@@ -50,20 +57,31 @@ fn kill_9_mid_traffic_leaves_a_verifiable_log_that_a_restart_continues() {
 
     let lb_audit = lb_tests::bin("lb-audit").unwrap();
     let verify = |what: &str| {
-        let out = Command::new(&lb_audit).arg("verify").arg(dir.path()).output().unwrap();
+        let out = Command::new(&lb_audit)
+            .arg("verify")
+            .arg(dir.path())
+            .output()
+            .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(out.status.success(), "{what}: {text}");
         text
     };
     let after_crash = verify("after kill -9");
     let before = read_audit(dir.path()).unwrap();
-    assert!(of_kind(&before, "conn_open").len() > 5, "traffic was recorded before the crash ({sent} attempts)");
+    assert!(
+        of_kind(&before, "conn_open").len() > 5,
+        "traffic was recorded before the crash ({sent} attempts)"
+    );
 
     // A restart continues the same log.
     let mut daemon = t.spawn_daemon(&args).expect("daemon again");
-    daemon.wait_ready(Duration::from_secs(20)).expect("ready again");
+    daemon
+        .wait_ready(Duration::from_secs(20))
+        .expect("ready again");
     let ok = t.ns("client").enter(|| {
-        (0..5).filter(|_| echo_exchange(Topology::vip(), b"after", Duration::from_secs(3)).is_ok()).count()
+        (0..5)
+            .filter(|_| echo_exchange(Topology::vip(), b"after", Duration::from_secs(3)).is_ok())
+            .count()
     });
     assert_eq!(ok, 5);
     daemon.stop(Duration::from_secs(10)).unwrap();

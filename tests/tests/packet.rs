@@ -33,7 +33,11 @@ fn backend_mac(ip: IpAddr) -> [u8; 6] {
 }
 
 fn end(ip: &str, port: u16, mac: [u8; 6]) -> End {
-    End { mac, ip: ip.parse().unwrap(), port }
+    End {
+        mac,
+        ip: ip.parse().unwrap(),
+        port,
+    }
 }
 fn client(ip: &str, port: u16) -> End {
     end(ip, port, CLIENT_MAC)
@@ -47,7 +51,13 @@ fn service(name: &str, proto: Proto, vip: &str, backends: &[&str]) -> ServiceSpe
         name: name.into(),
         proto,
         vip: vip.parse().unwrap(),
-        backends: backends.iter().map(|b| BackendSpec { addr: b.parse().unwrap(), weight: 1 }).collect(),
+        backends: backends
+            .iter()
+            .map(|b| BackendSpec {
+                addr: b.parse().unwrap(),
+                weight: 1,
+            })
+            .collect(),
         allow: vec![],
         deny: vec![],
         rate_limit: None,
@@ -114,12 +124,21 @@ fn fixture_with(settings: Settings) -> Fixture {
     dp.configure(settings.snat_ports, maglev, 1 << 24).unwrap();
     dp.install(&services).unwrap();
     let events = dp.take_events().unwrap();
-    Fixture { dp, events, mac: mac_of("d0"), services }
+    Fixture {
+        dp,
+        events,
+        mac: mac_of("d0"),
+        services,
+    }
 }
 
 fn mac_of(iface: &str) -> [u8; 6] {
     let text = std::fs::read_to_string(format!("/sys/class/net/{iface}/address")).unwrap();
-    let bytes: Vec<u8> = text.trim().split(':').map(|h| u8::from_str_radix(h, 16).unwrap()).collect();
+    let bytes: Vec<u8> = text
+        .trim()
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16).unwrap())
+        .collect();
     bytes.try_into().unwrap()
 }
 
@@ -162,7 +181,12 @@ fn tcp_ipv4_flow_is_natted_and_tracked_through_close() {
     }
     let ns = setup_ns();
     ns.enter(|| {
-        let mut fx = fixture(vec![service("web", Proto::Tcp, "10.0.0.100:80", &["10.0.2.2:8080"])]);
+        let mut fx = fixture(vec![service(
+            "web",
+            Proto::Tcp,
+            "10.0.0.100:80",
+            &["10.0.2.2:8080"],
+        )]);
         let (c, v) = (client("10.0.1.2", 33333), vip("10.0.0.100", 80));
         let backend = end("10.0.2.2", 8080, fx.mac);
 
@@ -170,18 +194,34 @@ fn tcp_ipv4_flow_is_natted_and_tracked_through_close() {
         let (action, out) = run(&mut fx, &packet::syn(c, v));
         assert_eq!(action, XDP_REDIRECT);
         let p = packet::parse(&out);
-        assert_eq!((p.src, p.dst, p.dport), (IpAddr::from([10, 0, 2, 1]), backend.ip, 8080));
-        assert!((SNAT_PORT..SNAT_PORT + SNAT_PORTS).contains(&p.sport), "SNAT port {}", p.sport);
+        assert_eq!(
+            (p.src, p.dst, p.dport),
+            (IpAddr::from([10, 0, 2, 1]), backend.ip, 8080)
+        );
+        assert!(
+            (SNAT_PORT..SNAT_PORT + SNAT_PORTS).contains(&p.sport),
+            "SNAT port {}",
+            p.sport
+        );
         assert_eq!((p.dst_mac, p.src_mac), (backend_mac(backend.ip), fx.mac));
         assert!(packet::checksums_ok(&out), "IPv4 and TCP checksums");
         let snat = end("10.0.2.1", p.sport, fx.mac);
         let ev = events(&mut fx);
         assert_eq!(ev.len(), 1);
         assert_eq!(ev[0].kind, event_kind::CONN_OPEN);
-        assert_eq!(addr(ev[0].client, ev[0].af, ev[0].client_port), "10.0.1.2:33333");
+        assert_eq!(
+            addr(ev[0].client, ev[0].af, ev[0].client_port),
+            "10.0.1.2:33333"
+        );
         assert_eq!(addr(ev[0].vip, ev[0].af, ev[0].vip_port), "10.0.0.100:80");
-        assert_eq!(addr(ev[0].backend, ev[0].af, ev[0].backend_port), "10.0.2.2:8080");
-        assert_eq!(addr(ev[0].snat, ev[0].af, ev[0].snat_port), format!("10.0.2.1:{}", snat.port));
+        assert_eq!(
+            addr(ev[0].backend, ev[0].af, ev[0].backend_port),
+            "10.0.2.2:8080"
+        );
+        assert_eq!(
+            addr(ev[0].snat, ev[0].af, ev[0].snat_port),
+            format!("10.0.2.1:{}", snat.port)
+        );
         assert_eq!(ev[0].generation, 1);
         let flow_id = ev[0].flow_id;
 
@@ -190,32 +230,65 @@ fn tcp_ipv4_flow_is_natted_and_tracked_through_close() {
         assert!(events(&mut fx).is_empty());
 
         // SYN-ACK from the backend: reverse NAT, back where the SYN came from.
-        let (action, out) = run(&mut fx, &packet::tcp_frame(backend, snat, TCP_SYN | TCP_ACK, 5000, &[]));
-        assert_eq!(action, XDP_TX, "test-run frames arrive on lo, and replies leave the way the SYN came");
+        let (action, out) = run(
+            &mut fx,
+            &packet::tcp_frame(backend, snat, TCP_SYN | TCP_ACK, 5000, &[]),
+        );
+        assert_eq!(
+            action, XDP_TX,
+            "test-run frames arrive on lo, and replies leave the way the SYN came"
+        );
         let p = packet::parse(&out);
         assert_eq!((p.src, p.sport, p.dst, p.dport), (v.ip, 80, c.ip, 33333));
         assert_eq!((p.dst_mac, p.src_mac), (CLIENT_MAC, LB_MAC));
         assert!(packet::checksums_ok(&out));
 
         // Data both ways, then FIN from each side: one close record with exact counts.
-        let (a, out) = run(&mut fx, &packet::tcp_frame(c, v, TCP_ACK | TCP_PSH, 1001, &[7u8; 100]));
+        let (a, out) = run(
+            &mut fx,
+            &packet::tcp_frame(c, v, TCP_ACK | TCP_PSH, 1001, &[7u8; 100]),
+        );
         assert_eq!(a, XDP_REDIRECT);
-        assert!(packet::checksums_ok(&out), "payload-carrying forward checksum");
-        let (a, out) = run(&mut fx, &packet::tcp_frame(backend, snat, TCP_ACK | TCP_PSH, 5001, &[9u8; 333]));
+        assert!(
+            packet::checksums_ok(&out),
+            "payload-carrying forward checksum"
+        );
+        let (a, out) = run(
+            &mut fx,
+            &packet::tcp_frame(backend, snat, TCP_ACK | TCP_PSH, 5001, &[9u8; 333]),
+        );
         assert_eq!(a, XDP_TX);
-        assert!(packet::checksums_ok(&out), "payload-carrying reply checksum");
-        run(&mut fx, &packet::tcp_frame(c, v, TCP_ACK | TCP_FIN, 1101, &[]));
-        assert!(events(&mut fx).is_empty(), "a half-closed flow is still open");
-        run(&mut fx, &packet::tcp_frame(backend, snat, TCP_ACK | TCP_FIN, 5334, &[]));
+        assert!(
+            packet::checksums_ok(&out),
+            "payload-carrying reply checksum"
+        );
+        run(
+            &mut fx,
+            &packet::tcp_frame(c, v, TCP_ACK | TCP_FIN, 1101, &[]),
+        );
+        assert!(
+            events(&mut fx).is_empty(),
+            "a half-closed flow is still open"
+        );
+        run(
+            &mut fx,
+            &packet::tcp_frame(backend, snat, TCP_ACK | TCP_FIN, 5334, &[]),
+        );
         let ev = events(&mut fx);
         assert_eq!(ev.len(), 1);
         let cl = ev[0];
-        assert_eq!((cl.kind, cl.reason, cl.flow_id), (event_kind::CONN_CLOSE, close_reason::FIN, flow_id));
+        assert_eq!(
+            (cl.kind, cl.reason, cl.flow_id),
+            (event_kind::CONN_CLOSE, close_reason::FIN, flow_id)
+        );
         assert_eq!((cl.bytes_to_backend, cl.bytes_to_client), (100, 333));
         assert_eq!((cl.packets_to_backend, cl.packets_to_client), (4, 3));
 
         // The last ACK of the closed flow still reaches the backend; no second close.
-        assert_eq!(run(&mut fx, &packet::tcp_frame(c, v, TCP_ACK, 1102, &[])).0, XDP_REDIRECT);
+        assert_eq!(
+            run(&mut fx, &packet::tcp_frame(c, v, TCP_ACK, 1102, &[])).0,
+            XDP_REDIRECT
+        );
         assert!(events(&mut fx).is_empty());
 
         // The 5-tuple reused by a new SYN is a new flow with a new id.
@@ -231,9 +304,19 @@ fn tcp_ipv4_flow_is_natted_and_tracked_through_close() {
             assert_eq!(flows.len(), 1);
             end("10.0.2.1", u16::from_be(flows[0].fwd.nat_sport), fx.mac)
         };
-        assert_eq!(run(&mut fx, &packet::tcp_frame(backend, snat2, TCP_RST | TCP_ACK, 1, &[])).0, XDP_TX);
+        assert_eq!(
+            run(
+                &mut fx,
+                &packet::tcp_frame(backend, snat2, TCP_RST | TCP_ACK, 1, &[])
+            )
+            .0,
+            XDP_TX
+        );
         let ev = events(&mut fx);
-        assert_eq!((ev.len(), ev[0].kind, ev[0].reason), (1, event_kind::CONN_CLOSE, close_reason::RST));
+        assert_eq!(
+            (ev.len(), ev[0].kind, ev[0].reason),
+            (1, event_kind::CONN_CLOSE, close_reason::RST)
+        );
     });
 }
 
@@ -250,9 +333,36 @@ fn udp_and_ipv6_flows_are_natted_both_ways() {
             service("dns6", Proto::Udp, "[fd00::100]:53", &["[fd00:2::3]:5353"]),
         ]);
         let cases = [
-            ("10.0.1.2", "10.0.0.100", 53, "10.0.2.3", 5353, "10.0.2.1", L4::Udp),
-            ("fd00:1::2", "fd00::100", 80, "fd00:2::2", 8080, "fd00:2::1", L4::Tcp { flags: TCP_SYN, seq: 9 }),
-            ("fd00:1::2", "fd00::100", 53, "fd00:2::3", 5353, "fd00:2::1", L4::Udp),
+            (
+                "10.0.1.2",
+                "10.0.0.100",
+                53,
+                "10.0.2.3",
+                5353,
+                "10.0.2.1",
+                L4::Udp,
+            ),
+            (
+                "fd00:1::2",
+                "fd00::100",
+                80,
+                "fd00:2::2",
+                8080,
+                "fd00:2::1",
+                L4::Tcp {
+                    flags: TCP_SYN,
+                    seq: 9,
+                },
+            ),
+            (
+                "fd00:1::2",
+                "fd00::100",
+                53,
+                "fd00:2::3",
+                5353,
+                "fd00:2::1",
+                L4::Udp,
+            ),
         ];
         for (cip, vip_ip, vport, bip, bport, snat_ip, l4) in cases {
             let (c, v) = (client(cip, 40001), vip(vip_ip, vport));
@@ -260,23 +370,53 @@ fn udp_and_ipv6_flows_are_natted_both_ways() {
             assert_eq!(a, XDP_REDIRECT, "{cip} → {vip_ip}:{vport}");
             let p = packet::parse(&out);
             let b: IpAddr = bip.parse().unwrap();
-            assert_eq!((p.src, p.dst, p.dport), (snat_ip.parse().unwrap(), b, bport));
+            assert_eq!(
+                (p.src, p.dst, p.dport),
+                (snat_ip.parse().unwrap(), b, bport)
+            );
             assert_eq!(p.dst_mac, backend_mac(b));
-            assert!(packet::checksums_ok(&out), "{cip} → {vip_ip}: checksums after NAT");
+            assert!(
+                packet::checksums_ok(&out),
+                "{cip} → {vip_ip}: checksums after NAT"
+            );
             let ev = events(&mut fx);
-            assert_eq!((ev.len(), ev[0].kind), (1, event_kind::CONN_OPEN), "{cip} → {vip_ip}");
+            assert_eq!(
+                (ev.len(), ev[0].kind),
+                (1, event_kind::CONN_OPEN),
+                "{cip} → {vip_ip}"
+            );
             assert_eq!(ev[0].proto, if l4 == L4::Udp { 17 } else { 6 });
 
-            let reply_l4 = if l4 == L4::Udp { L4::Udp } else { L4::Tcp { flags: TCP_SYN | TCP_ACK, seq: 1 } };
-            let reply = packet::frame(end(bip, bport, fx.mac), end(snat_ip, p.sport, fx.mac), reply_l4, b"answer!");
+            let reply_l4 = if l4 == L4::Udp {
+                L4::Udp
+            } else {
+                L4::Tcp {
+                    flags: TCP_SYN | TCP_ACK,
+                    seq: 1,
+                }
+            };
+            let reply = packet::frame(
+                end(bip, bport, fx.mac),
+                end(snat_ip, p.sport, fx.mac),
+                reply_l4,
+                b"answer!",
+            );
             let (a, out) = run(&mut fx, &reply);
             assert_eq!(a, XDP_TX);
             let r = packet::parse(&out);
             assert_eq!((r.src, r.sport, r.dst, r.dport), (v.ip, vport, c.ip, 40001));
-            assert!(packet::checksums_ok(&out), "{cip} ← {vip_ip}: checksums after reverse NAT");
+            assert!(
+                packet::checksums_ok(&out),
+                "{cip} ← {vip_ip}: checksums after reverse NAT"
+            );
         }
         // UDP over IPv4 without a checksum stays without one.
-        let mut f = packet::frame(client("10.0.1.9", 999), vip("10.0.0.100", 53), L4::Udp, b"no-csum");
+        let mut f = packet::frame(
+            client("10.0.1.9", 999),
+            vip("10.0.0.100", 53),
+            L4::Udp,
+            b"no-csum",
+        );
         f[14 + 20 + 6] = 0;
         f[14 + 20 + 7] = 0;
         let (a, out) = run(&mut fx, &f);
@@ -299,37 +439,80 @@ fn access_rules_longest_prefix_wins_and_deny_records_are_limited() {
         let mut fx = fixture(vec![adm, open]);
         let v = vip("10.0.0.100", 22);
 
-        assert_eq!(run(&mut fx, &packet::syn(client("10.1.1.5", 1000), v)).0, XDP_REDIRECT, "allowed by /16");
+        assert_eq!(
+            run(&mut fx, &packet::syn(client("10.1.1.5", 1000), v)).0,
+            XDP_REDIRECT,
+            "allowed by /16"
+        );
         assert_eq!(events(&mut fx)[0].kind, event_kind::CONN_OPEN);
 
-        assert_eq!(run(&mut fx, &packet::syn(client("10.1.2.5", 1000), v)).0, XDP_DROP, "denied by /24");
+        assert_eq!(
+            run(&mut fx, &packet::syn(client("10.1.2.5", 1000), v)).0,
+            XDP_DROP,
+            "denied by /24"
+        );
         let ev = events(&mut fx);
-        assert_eq!((ev.len(), ev[0].kind, ev[0].reason), (1, event_kind::CONN_DENY, deny_reason::ACL));
-        let deny_rule = fx.services[0].rules.iter().find(|r| !r.allow).unwrap().clone();
+        assert_eq!(
+            (ev.len(), ev[0].kind, ev[0].reason),
+            (1, event_kind::CONN_DENY, deny_reason::ACL)
+        );
+        let deny_rule = fx.services[0]
+            .rules
+            .iter()
+            .find(|r| !r.allow)
+            .unwrap()
+            .clone();
         assert_eq!(ev[0].rule, deny_rule.id);
         assert_eq!(deny_rule.describe(), "deny 10.1.2.0/24");
-        assert_eq!(addr(ev[0].client, ev[0].af, ev[0].client_port), "10.1.2.5:1000");
+        assert_eq!(
+            addr(ev[0].client, ev[0].af, ev[0].client_port),
+            "10.1.2.5:1000"
+        );
 
         // No allow rule matches: refused by the service's default.
-        assert_eq!(run(&mut fx, &packet::syn(client("10.2.0.1", 1000), v)).0, XDP_DROP);
+        assert_eq!(
+            run(&mut fx, &packet::syn(client("10.2.0.1", 1000), v)).0,
+            XDP_DROP
+        );
         let ev = events(&mut fx);
         assert_eq!((ev[0].reason, ev[0].rule), (deny_reason::ACL, u32::MAX));
         // Another service without rules is open to the same client.
-        assert_eq!(run(&mut fx, &packet::syn(client("10.2.0.1", 1000), vip("10.0.0.100", 80))).0, XDP_REDIRECT);
+        assert_eq!(
+            run(
+                &mut fx,
+                &packet::syn(client("10.2.0.1", 1000), vip("10.0.0.100", 80))
+            )
+            .0,
+            XDP_REDIRECT
+        );
         events(&mut fx);
 
         // A flood from one source: every SYN is counted, one record per second is written, and
         // the next record says how many were suppressed.
         for port in 2000..2100 {
-            assert_eq!(run(&mut fx, &packet::syn(client("10.1.2.5", port), v)).0, XDP_DROP);
+            assert_eq!(
+                run(&mut fx, &packet::syn(client("10.1.2.5", port), v)).0,
+                XDP_DROP
+            );
         }
         assert!(events(&mut fx).is_empty(), "suppressed within the second");
-        assert_eq!(fx.dp.rule_hits(8).unwrap()[deny_rule.id as usize], 101, "exact per-rule count");
+        assert_eq!(
+            fx.dp.rule_hits(8).unwrap()[deny_rule.id as usize],
+            101,
+            "exact per-rule count"
+        );
         assert_eq!(stat_of(&mut fx, stat::DENY_RECORDS_SUPPRESSED), 100);
         std::thread::sleep(Duration::from_millis(1100));
-        assert_eq!(run(&mut fx, &packet::syn(client("10.1.2.5", 3000), v)).0, XDP_DROP);
+        assert_eq!(
+            run(&mut fx, &packet::syn(client("10.1.2.5", 3000), v)).0,
+            XDP_DROP
+        );
         let ev = events(&mut fx);
-        assert_eq!((ev.len(), ev[0].packets_to_backend), (1, 100), "the record carries the suppressed count");
+        assert_eq!(
+            (ev.len(), ev[0].packets_to_backend),
+            (1, 100),
+            "the record carries the suppressed count"
+        );
     });
 }
 
@@ -344,18 +527,44 @@ fn rate_limit_refuses_new_flows_beyond_the_rate() {
         web.rate_limit = Some(20);
         let mut fx = fixture(vec![web]);
         let v = vip("10.0.0.100", 80);
-        let actions: Vec<u32> = (0..40).map(|p| run(&mut fx, &packet::syn(client("10.1.1.1", 5000 + p), v)).0).collect();
+        let actions: Vec<u32> = (0..40)
+            .map(|p| run(&mut fx, &packet::syn(client("10.1.1.1", 5000 + p), v)).0)
+            .collect();
         let passed = actions.iter().filter(|a| **a == XDP_REDIRECT).count();
-        assert!((20..=21).contains(&passed), "a burst of 40 against 20/s lets about 20 through, got {passed}");
+        assert!(
+            (20..=21).contains(&passed),
+            "a burst of 40 against 20/s lets about 20 through, got {passed}"
+        );
         let ev = events(&mut fx);
-        assert_eq!(ev.iter().filter(|e| e.kind == event_kind::CONN_OPEN).count(), passed);
-        let denies: Vec<_> = ev.iter().filter(|e| e.kind == event_kind::CONN_DENY).collect();
+        assert_eq!(
+            ev.iter()
+                .filter(|e| e.kind == event_kind::CONN_OPEN)
+                .count(),
+            passed
+        );
+        let denies: Vec<_> = ev
+            .iter()
+            .filter(|e| e.kind == event_kind::CONN_DENY)
+            .collect();
         assert_eq!(denies.len(), 1, "one deny record per source per second");
         assert_eq!(denies[0].reason, deny_reason::RATE_LIMITED);
-        assert_eq!(stat_of(&mut fx, stat::DENY_RATE_LIMITED), 40 - passed as u64);
+        assert_eq!(
+            stat_of(&mut fx, stat::DENY_RATE_LIMITED),
+            40 - passed as u64
+        );
         // Another source has its own bucket; packets of admitted flows are not limited.
-        assert_eq!(run(&mut fx, &packet::syn(client("10.1.1.2", 5000), v)).0, XDP_REDIRECT);
-        assert_eq!(run(&mut fx, &packet::tcp_frame(client("10.1.1.1", 5000), v, TCP_ACK, 2, b"x")).0, XDP_REDIRECT);
+        assert_eq!(
+            run(&mut fx, &packet::syn(client("10.1.1.2", 5000), v)).0,
+            XDP_REDIRECT
+        );
+        assert_eq!(
+            run(
+                &mut fx,
+                &packet::tcp_frame(client("10.1.1.1", 5000), v, TCP_ACK, 2, b"x")
+            )
+            .0,
+            XDP_REDIRECT
+        );
     });
 }
 
@@ -385,35 +594,95 @@ fn hostile_packets_have_defined_outcomes() {
         cases.push(("IPv4 IHL below 5", f, XDP_DROP, Some(stat::DROP_MALFORMED)));
         let mut f = syn.clone();
         f[16..18].copy_from_slice(&2000u16.to_be_bytes());
-        cases.push(("IPv4 length beyond the frame", f, XDP_DROP, Some(stat::DROP_MALFORMED)));
+        cases.push((
+            "IPv4 length beyond the frame",
+            f,
+            XDP_DROP,
+            Some(stat::DROP_MALFORMED),
+        ));
         let mut f = syn.clone();
         f[20] = 0x20; // more fragments
-        cases.push(("IPv4 first fragment", f, XDP_DROP, Some(stat::DROP_FRAGMENT)));
+        cases.push((
+            "IPv4 first fragment",
+            f,
+            XDP_DROP,
+            Some(stat::DROP_FRAGMENT),
+        ));
         let mut f = syn.clone();
         f[21] = 0x10; // fragment offset
-        cases.push(("IPv4 later fragment", f, XDP_DROP, Some(stat::DROP_FRAGMENT)));
+        cases.push((
+            "IPv4 later fragment",
+            f,
+            XDP_DROP,
+            Some(stat::DROP_FRAGMENT),
+        ));
         let mut f = syn.clone();
         f[14 + 20 + 12] = 0x40; // TCP data offset 4
-        cases.push(("TCP header shorter than 20 bytes", f, XDP_DROP, Some(stat::DROP_MALFORMED)));
-        cases.push(("TCP with no flags", packet::tcp_frame(c, v, 0, 1, &[]), XDP_DROP, Some(stat::DROP_MALFORMED)));
-        cases.push(("TCP SYN+FIN", packet::tcp_frame(c, v, TCP_SYN | TCP_FIN, 1, &[]), XDP_DROP, Some(stat::DROP_MALFORMED)));
-        cases.push(("TCP with all flags", packet::tcp_frame(c, v, 0x3f, 1, &[]), XDP_DROP, Some(stat::DROP_MALFORMED)));
-        cases.push(("TCP ACK without a flow", packet::tcp_frame(c, v, TCP_ACK, 1, &[]), XDP_DROP, Some(stat::DROP_NO_FLOW)));
+        cases.push((
+            "TCP header shorter than 20 bytes",
+            f,
+            XDP_DROP,
+            Some(stat::DROP_MALFORMED),
+        ));
+        cases.push((
+            "TCP with no flags",
+            packet::tcp_frame(c, v, 0, 1, &[]),
+            XDP_DROP,
+            Some(stat::DROP_MALFORMED),
+        ));
+        cases.push((
+            "TCP SYN+FIN",
+            packet::tcp_frame(c, v, TCP_SYN | TCP_FIN, 1, &[]),
+            XDP_DROP,
+            Some(stat::DROP_MALFORMED),
+        ));
+        cases.push((
+            "TCP with all flags",
+            packet::tcp_frame(c, v, 0x3f, 1, &[]),
+            XDP_DROP,
+            Some(stat::DROP_MALFORMED),
+        ));
+        cases.push((
+            "TCP ACK without a flow",
+            packet::tcp_frame(c, v, TCP_ACK, 1, &[]),
+            XDP_DROP,
+            Some(stat::DROP_NO_FLOW),
+        ));
         let mut f = packet::frame(client("10.0.1.2", 5), vip("10.0.0.100", 53), L4::Udp, &[]);
         f[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&4u16.to_be_bytes());
-        cases.push(("UDP length below 8", f, XDP_DROP, Some(stat::DROP_MALFORMED)));
+        cases.push((
+            "UDP length below 8",
+            f,
+            XDP_DROP,
+            Some(stat::DROP_MALFORMED),
+        ));
         let mut f = syn.clone();
         f[12..14].copy_from_slice(&[0x81, 0x00]);
         cases.push(("VLAN-tagged frame", f, XDP_PASS, Some(stat::PASSED_VLAN)));
         let mut f = v6syn.clone();
         f[20] = 0; // hop-by-hop options header
-        cases.push(("IPv6 extension header", f, XDP_DROP, Some(stat::DROP_IPV6_EXT)));
+        cases.push((
+            "IPv6 extension header",
+            f,
+            XDP_DROP,
+            Some(stat::DROP_IPV6_EXT),
+        ));
         let mut f = v6syn.clone();
         f[20] = 44;
-        cases.push(("IPv6 fragment header", f, XDP_DROP, Some(stat::DROP_FRAGMENT)));
+        cases.push((
+            "IPv6 fragment header",
+            f,
+            XDP_DROP,
+            Some(stat::DROP_FRAGMENT),
+        ));
         let mut f = packet::syn(c, vip("10.0.0.100", 81));
         f[0] = 2;
-        cases.push(("VIP, port without a service", f, XDP_DROP, Some(stat::DROP_UNSUPPORTED)));
+        cases.push((
+            "VIP, port without a service",
+            f,
+            XDP_DROP,
+            Some(stat::DROP_UNSUPPORTED),
+        ));
         let f = packet::syn(c, vip("10.0.0.99", 80));
         cases.push(("not a VIP at all", f, XDP_PASS, Some(stat::PASSED)));
 
@@ -472,9 +741,20 @@ fn random_malformed_frames_are_forwarded_whole_or_not_at_all() {
         ]);
         let seeds = [
             packet::syn(client("10.0.1.2", 1), vip("10.0.0.100", 80)),
-            packet::frame(client("10.0.1.2", 1), vip("10.0.0.100", 53), L4::Udp, b"hello"),
+            packet::frame(
+                client("10.0.1.2", 1),
+                vip("10.0.0.100", 53),
+                L4::Udp,
+                b"hello",
+            ),
             packet::syn(client("fd00:1::2", 1), vip("fd00::100", 80)),
-            packet::tcp_frame(client("10.0.1.2", 1), vip("10.0.0.100", 80), TCP_ACK, 1, b"data"),
+            packet::tcp_frame(
+                client("10.0.1.2", 1),
+                vip("10.0.0.100", 80),
+                TCP_ACK,
+                1,
+                b"data",
+            ),
         ];
         let vip_side: [IpAddr; 2] = ["10.0.0.100".parse().unwrap(), "fd00::100".parse().unwrap()];
         let mut rng = 0x2545_f491_4f6c_dd1du64;
@@ -514,7 +794,10 @@ fn random_malformed_frames_are_forwarded_whole_or_not_at_all() {
                     let p = packet::parse(&out);
                     let to_backend = p.dst_mac == backend_mac(p.dst) && !vip_side.contains(&p.dst);
                     let to_client = vip_side.contains(&p.src) && p.dst_mac == CLIENT_MAC;
-                    assert!(to_backend || to_client, "case {i}: half-rewritten frame {p:?}");
+                    assert!(
+                        to_backend || to_client,
+                        "case {i}: half-rewritten frame {p:?}"
+                    );
                 }
                 other => panic!("case {i}: undefined action {other}"),
             }
@@ -536,28 +819,59 @@ fn icmp_errors_about_a_flow_are_translated_for_the_client() {
             service("dns6", Proto::Udp, "[fd00::100]:53", &["[fd00:2::3]:5353"]),
         ]);
         for (c, v, l4) in [
-            (client("10.0.1.2", 33333), vip("10.0.0.100", 80), L4::Tcp { flags: TCP_SYN, seq: 1 }),
+            (
+                client("10.0.1.2", 33333),
+                vip("10.0.0.100", 80),
+                L4::Tcp {
+                    flags: TCP_SYN,
+                    seq: 1,
+                },
+            ),
             (client("fd00:1::2", 33333), vip("fd00::100", 53), L4::Udp),
         ] {
             let (a, fwd) = run(&mut fx, &packet::frame(c, v, l4, &[0u8; 64]));
             assert_eq!(a, XDP_REDIRECT);
             let p = packet::parse(&fwd);
             // The backend (or a router before it) answers with "too big", quoting our packet.
-            let err = packet::icmp_error(end(&p.dst.to_string(), 0, fx.mac), end(&p.src.to_string(), 0, fx.mac), &fwd[14..]);
+            let err = packet::icmp_error(
+                end(&p.dst.to_string(), 0, fx.mac),
+                end(&p.src.to_string(), 0, fx.mac),
+                &fwd[14..],
+            );
             let before = stat_of(&mut fx, stat::ICMP_TRANSLATED);
             let (a, out) = run(&mut fx, &err);
             assert_eq!(a, XDP_TX, "{}", c.ip);
             assert_eq!(stat_of(&mut fx, stat::ICMP_TRANSLATED), before + 1);
             let o = packet::parse(&out);
-            assert_eq!((o.src, o.dst), (v.ip, c.ip), "the error comes from the VIP to the client");
-            assert!(packet::checksums_ok(&out), "{}: outer, ICMP and quoted checksums", c.ip);
+            assert_eq!(
+                (o.src, o.dst),
+                (v.ip, c.ip),
+                "the error comes from the VIP to the client"
+            );
+            assert!(
+                packet::checksums_ok(&out),
+                "{}: outer, ICMP and quoted checksums",
+                c.ip
+            );
             // The quoted packet is the client's own.
             let q = packet::parse(&packet::ethernet(LB_MAC, LB_MAC, &out[o.l4 + 8..]));
-            assert_eq!((q.src, q.sport, q.dst, q.dport), (c.ip, c.port, v.ip, v.port));
+            assert_eq!(
+                (q.src, q.sport, q.dst, q.dport),
+                (c.ip, c.port, v.ip, v.port)
+            );
         }
         // An ICMP error about nothing we track goes to the host.
-        let stray = packet::frame(end("10.0.2.1", 1, fx.mac), end("10.0.2.2", 2, fx.mac), L4::Udp, b"x");
-        let err = packet::icmp_error(end("10.0.2.2", 0, fx.mac), end("10.0.2.1", 0, fx.mac), &stray[14..]);
+        let stray = packet::frame(
+            end("10.0.2.1", 1, fx.mac),
+            end("10.0.2.2", 2, fx.mac),
+            L4::Udp,
+            b"x",
+        );
+        let err = packet::icmp_error(
+            end("10.0.2.2", 0, fx.mac),
+            end("10.0.2.1", 0, fx.mac),
+            &stray[14..],
+        );
         assert_eq!(run(&mut fx, &err), (XDP_PASS, err.clone()));
     });
 }
@@ -634,7 +948,15 @@ fn snat_ports_never_collide_and_exhaustion_is_refused_with_a_record() {
     }
     let ns = setup_ns();
     ns.enter(|| {
-        let mut st = settings(vec![service("web", Proto::Tcp, "10.0.0.100:80", &["10.0.2.2:8080"])], 4093);
+        let mut st = settings(
+            vec![service(
+                "web",
+                Proto::Tcp,
+                "10.0.0.100:80",
+                &["10.0.2.2:8080"],
+            )],
+            4093,
+        );
         st.snat_ports = (50000, 50003);
         let mut fx = fixture_with(st);
         let v = vip("10.0.0.100", 80);
@@ -645,14 +967,30 @@ fn snat_ports_never_collide_and_exhaustion_is_refused_with_a_record() {
             ports.push(packet::parse(&out).sport);
         }
         ports.sort();
-        assert_eq!(ports, [50000, 50001, 50002, 50003], "four flows, four distinct ports");
+        assert_eq!(
+            ports,
+            [50000, 50001, 50002, 50003],
+            "four flows, four distinct ports"
+        );
         events(&mut fx);
-        assert_eq!(run(&mut fx, &packet::syn(client("10.0.1.2", 2000), v)).0, XDP_DROP);
+        assert_eq!(
+            run(&mut fx, &packet::syn(client("10.0.1.2", 2000), v)).0,
+            XDP_DROP
+        );
         let ev = events(&mut fx);
-        assert_eq!((ev.len(), ev[0].kind, ev[0].reason), (1, event_kind::CONN_DENY, deny_reason::SNAT_EXHAUSTED));
+        assert_eq!(
+            (ev.len(), ev[0].kind, ev[0].reason),
+            (1, event_kind::CONN_DENY, deny_reason::SNAT_EXHAUSTED)
+        );
         assert_eq!(stat_of(&mut fx, stat::DENY_SNAT_EXHAUSTED), 1);
         // One flow resets; once its entries are gone its port serves a new flow.
-        let pair = fx.dp.flows().unwrap().into_iter().find(|p| u16::from_be(p.key.sport) == 1000).unwrap();
+        let pair = fx
+            .dp
+            .flows()
+            .unwrap()
+            .into_iter()
+            .find(|p| u16::from_be(p.key.sport) == 1000)
+            .unwrap();
         fx.dp.remove_flow(&pair).unwrap();
         let (a, out) = run(&mut fx, &packet::syn(client("10.0.1.2", 2001), v));
         assert_eq!(a, XDP_REDIRECT);

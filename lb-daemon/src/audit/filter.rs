@@ -38,7 +38,9 @@ impl Endpoint {
             return Ok(Endpoint::Socket(sa));
         }
         let ip = s.trim_start_matches('[').trim_end_matches(']');
-        Ok(Endpoint::Ip(ip.parse().with_context(|| format!("'{s}' is not an address or address:port"))?))
+        Ok(Endpoint::Ip(ip.parse().with_context(|| {
+            format!("'{s}' is not an address or address:port")
+        })?))
     }
 
     fn matches(&self, a: SocketAddr) -> bool {
@@ -60,7 +62,14 @@ struct View<'a> {
 }
 
 fn view(e: &Event) -> View<'_> {
-    let none = View { client: None, vip: None, service: None, backend: None, proto: None, flow: None };
+    let none = View {
+        client: None,
+        vip: None,
+        service: None,
+        backend: None,
+        proto: None,
+        flow: None,
+    };
     match e {
         Event::ConnOpen(o) => View {
             client: Some(o.client),
@@ -85,7 +94,11 @@ fn view(e: &Event) -> View<'_> {
             proto: Some(d.proto),
             ..none
         },
-        Event::HealthChange(h) => View { service: Some(&h.service), backend: Some(h.backend), ..none },
+        Event::HealthChange(h) => View {
+            service: Some(&h.service),
+            backend: Some(h.backend),
+            ..none
+        },
         _ => none,
     }
 }
@@ -104,7 +117,9 @@ impl Filter {
     }
 
     pub fn matches(&self, r: &Record) -> bool {
-        if self.since_ns.is_some_and(|t| r.time_ns < t) || self.until_ns.is_some_and(|t| r.time_ns > t) {
+        if self.since_ns.is_some_and(|t| r.time_ns < t)
+            || self.until_ns.is_some_and(|t| r.time_ns > t)
+        {
             return false;
         }
         if !self.kinds.is_empty() && !self.kinds.iter().any(|k| k == r.event.kind()) {
@@ -112,10 +127,13 @@ impl Filter {
         }
         let v = view(&r.event);
         // A condition on a field the record does not have excludes it.
-        self.client.is_none_or(|c| v.client.is_some_and(|a| c.contains(a.ip())))
+        self.client
+            .is_none_or(|c| v.client.is_some_and(|a| c.contains(a.ip())))
             && self.vip.is_none_or(|e| v.vip.is_some_and(|a| e.matches(a)))
             && self.service.as_deref().is_none_or(|s| v.service == Some(s))
-            && self.backend.is_none_or(|e| v.backend.is_some_and(|a| e.matches(a)))
+            && self
+                .backend
+                .is_none_or(|e| v.backend.is_some_and(|a| e.matches(a)))
             && self.proto.is_none_or(|p| v.proto == Some(p))
             && self.flow.is_none_or(|f| v.flow == Some(f))
     }
@@ -127,7 +145,9 @@ pub fn parse_instant(s: &str, now: SystemTime) -> anyhow::Result<i64> {
         return Ok(t.unix_timestamp_nanos() as i64);
     }
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().with_context(|| format!("'{s}' is not RFC 3339 or a time ago like 15m"))?;
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("'{s}' is not RFC 3339 or a time ago like 15m"))?;
     let secs = match unit {
         "s" => n,
         "m" => n * 60,
@@ -135,6 +155,9 @@ pub fn parse_instant(s: &str, now: SystemTime) -> anyhow::Result<i64> {
         "d" => n * 86400,
         _ => bail!("'{s}': unknown unit '{unit}' (s, m, h, d)"),
     };
-    let now_ns = now.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
+    let now_ns = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0);
     Ok(now_ns - secs as i64 * 1_000_000_000)
 }

@@ -22,9 +22,9 @@ use anyhow::{Context as _, bail};
 use tracing::warn;
 
 pub use record::{
-    Actor, Alert, BackendDrained, Checkpoint, CloseReason, ConfigChange, ConnClose, ConnDeny, ConnOpen,
-    ControlDenied, DaemonStart, DaemonStop, DenyReason, Event, HealthChange, Loss, Proto, Record,
-    Recovery, SegmentDeleted, record_to_json, rfc3339,
+    Actor, Alert, BackendDrained, Checkpoint, CloseReason, ConfigChange, ConnClose, ConnDeny,
+    ConnOpen, ControlDenied, DaemonStart, DaemonStop, DenyReason, Event, HealthChange, Loss, Proto,
+    Record, Recovery, SegmentDeleted, record_to_json, rfc3339,
 };
 pub use seal::SealKey;
 use segment::{Frame, Header, SegmentReader, SegmentWriter};
@@ -51,7 +51,9 @@ impl FromStr for FsyncPolicy {
             "never" => Ok(FsyncPolicy::Never),
             _ => match s.strip_prefix("interval=") {
                 Some(d) => crate::config::parse_duration(d).map(FsyncPolicy::Interval),
-                None => Err(format!("'{s}': expected always, never or interval=DURATION")),
+                None => Err(format!(
+                    "'{s}': expected always, never or interval=DURATION"
+                )),
             },
         }
     }
@@ -153,7 +155,12 @@ impl AuditWriter {
             match reader.next_frame()? {
                 Frame::Record(r) => {
                     if r.seq != next_seq {
-                        bail!("{}: record seq {} where {} was expected", path.display(), r.seq, next_seq);
+                        bail!(
+                            "{}: record seq {} where {} was expected",
+                            path.display(),
+                            r.seq,
+                            next_seq
+                        );
                     }
                     head = segment::chain(&head, &reader.last_frame);
                     next_seq += 1;
@@ -161,7 +168,12 @@ impl AuditWriter {
                 Frame::End => break reader.offset,
                 Frame::Bad { offset, why } => {
                     warn!(segment = %path.display(), offset, why, "cutting off a torn record at the end of the audit log");
-                    torn = Some(Recovery { segment: index, offset, bytes_removed: reader.len - offset, reason: why });
+                    torn = Some(Recovery {
+                        segment: index,
+                        offset,
+                        bytes_removed: reader.len - offset,
+                        reason: why,
+                    });
                     break offset;
                 }
             }
@@ -179,7 +191,8 @@ impl AuditWriter {
             last_fsync: now,
             seal,
             resumed_after: next_seq - 1,
-            segment_created: SystemTime::UNIX_EPOCH + Duration::from_nanos(reader.header.created_ns.max(0) as u64),
+            segment_created: SystemTime::UNIX_EPOCH
+                + Duration::from_nanos(reader.header.created_ns.max(0) as u64),
         };
         if let Some(recovery) = torn {
             w.append(SystemTime::now(), Event::Recovery(recovery))?;
@@ -219,8 +232,14 @@ impl AuditWriter {
             Err(e) => -(e.duration().as_nanos() as i64),
         };
         let seq = self.next_seq;
-        let frame = segment::encode_frame(&Record { seq, time_ns, event })?;
-        self.segment.write(&frame).with_context(|| format!("writing {}", self.segment.path.display()))?;
+        let frame = segment::encode_frame(&Record {
+            seq,
+            time_ns,
+            event,
+        })?;
+        self.segment
+            .write(&frame)
+            .with_context(|| format!("writing {}", self.segment.path.display()))?;
         self.head = segment::chain(&self.head, &frame);
         self.next_seq += 1;
         Ok(seq)
@@ -234,7 +253,10 @@ impl AuditWriter {
             Some(k) => (k.epoch, Some(k.seal(seq, &head))),
             None => (0, None),
         };
-        self.write(SystemTime::now(), Event::Checkpoint(Checkpoint { head, epoch, seal }))?;
+        self.write(
+            SystemTime::now(),
+            Event::Checkpoint(Checkpoint { head, epoch, seal }),
+        )?;
         if let Some(k) = &mut self.seal {
             // The sealed checkpoint must be on disk before its key is forgotten.
             self.segment.sync()?;
@@ -254,7 +276,8 @@ impl AuditWriter {
         }
         self.segment.sync()?;
         self.index += 1;
-        self.segment = SegmentWriter::create(&self.dir, &new_header(self.index, self.next_seq, self.head))?;
+        self.segment =
+            SegmentWriter::create(&self.dir, &new_header(self.index, self.next_seq, self.head))?;
         self.segment_created = SystemTime::now();
         self.retain()
     }
@@ -266,7 +289,10 @@ impl AuditWriter {
             return Ok(());
         }
         let segments = segment::list(&self.dir)?;
-        let sizes: Vec<u64> = segments.iter().map(|(_, p)| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).collect();
+        let sizes: Vec<u64> = segments
+            .iter()
+            .map(|(_, p)| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+            .collect();
         let mut total: u64 = sizes.iter().sum();
         let now = SystemTime::now();
         for (i, (index, path)) in segments.iter().enumerate() {
@@ -277,11 +303,17 @@ impl AuditWriter {
             let (next_first, next_created) = match segments.get(i + 1) {
                 Some((_, next)) => {
                     let h = SegmentReader::open(next)?.header;
-                    (h.first_seq, SystemTime::UNIX_EPOCH + Duration::from_nanos(h.created_ns.max(0) as u64))
+                    (
+                        h.first_seq,
+                        SystemTime::UNIX_EPOCH + Duration::from_nanos(h.created_ns.max(0) as u64),
+                    )
                 }
                 None => break,
             };
-            let too_old = self.opts.retain_age.is_some_and(|age| now.duration_since(next_created).unwrap_or_default() > age);
+            let too_old = self
+                .opts
+                .retain_age
+                .is_some_and(|age| now.duration_since(next_created).unwrap_or_default() > age);
             let too_big = self.opts.retain_bytes.is_some_and(|max| total > max);
             if !(too_old || too_big) {
                 break;
@@ -307,11 +339,16 @@ impl AuditWriter {
     /// Writes out buffered records and, as the fsync policy says, makes them durable. Also
     /// writes the periodic checkpoint when it is due.
     pub fn sync(&mut self) -> anyhow::Result<()> {
-        if self.since_checkpoint > 0 && self.last_checkpoint.elapsed() >= self.opts.checkpoint_interval {
+        if self.since_checkpoint > 0
+            && self.last_checkpoint.elapsed() >= self.opts.checkpoint_interval
+        {
             self.checkpoint()?;
         }
         if self.segment.len > segment::HEADER_LEN as u64
-            && SystemTime::now().duration_since(self.segment_created).unwrap_or_default() >= self.opts.segment_age
+            && SystemTime::now()
+                .duration_since(self.segment_created)
+                .unwrap_or_default()
+                >= self.opts.segment_age
         {
             self.rotate()?;
         }
@@ -322,10 +359,14 @@ impl AuditWriter {
         };
         let path = self.segment.path.display().to_string();
         if fsync {
-            self.segment.sync().with_context(|| format!("syncing {path}"))?;
+            self.segment
+                .sync()
+                .with_context(|| format!("syncing {path}"))?;
             self.last_fsync = Instant::now();
         } else {
-            self.segment.flush().with_context(|| format!("writing {path}"))?;
+            self.segment
+                .flush()
+                .with_context(|| format!("writing {path}"))?;
         }
         Ok(())
     }
@@ -341,7 +382,10 @@ impl AuditWriter {
 }
 
 fn new_header(index: u64, first_seq: u64, prev_head: [u8; 32]) -> Header {
-    let created_ns = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
+    let created_ns = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0);
     Header {
         incompat: 0,
         compat: 0,
@@ -373,35 +417,64 @@ impl AuditReader {
         }
         let segments = segment::list(dir)?;
         if segments.is_empty() {
-            bail!("{}: no audit segments (*.{})", dir.display(), segment::SUFFIX);
+            bail!(
+                "{}: no audit segments (*.{})",
+                dir.display(),
+                segment::SUFFIX
+            );
         }
         let last = segments.last().map(|(i, _)| *i);
-        Ok(AuditReader { segments: segments.into_iter(), current: None, last, next_seq: None, done: false })
+        Ok(AuditReader {
+            segments: segments.into_iter(),
+            current: None,
+            last,
+            next_seq: None,
+            done: false,
+        })
     }
 
     fn step(&mut self) -> anyhow::Result<Option<Record>> {
         loop {
             if self.current.is_none() {
-                let Some((index, path)) = self.segments.next() else { return Ok(None) };
+                let Some((index, path)) = self.segments.next() else {
+                    return Ok(None);
+                };
                 let mut reader = SegmentReader::open(&path)?;
                 reader.keep_frames = false;
                 if reader.header.index != index {
-                    bail!("{}: header says segment {}", path.display(), reader.header.index);
+                    bail!(
+                        "{}: header says segment {}",
+                        path.display(),
+                        reader.header.index
+                    );
                 }
-                if let Some(expected) = self.next_seq {
-                    if reader.header.first_seq != expected {
-                        bail!("{}: starts at seq {} where {} was expected", path.display(), reader.header.first_seq, expected);
-                    }
+                if let Some(expected) = self.next_seq
+                    && reader.header.first_seq != expected
+                {
+                    bail!(
+                        "{}: starts at seq {} where {} was expected",
+                        path.display(),
+                        reader.header.first_seq,
+                        expected
+                    );
                 }
                 self.next_seq = Some(reader.header.first_seq);
                 self.current = Some((path, reader));
             }
             let (path, reader) = self.current.as_mut().expect("set above");
-            match reader.next_frame().with_context(|| path.display().to_string())? {
+            match reader
+                .next_frame()
+                .with_context(|| path.display().to_string())?
+            {
                 Frame::Record(r) => {
                     let expected = self.next_seq.unwrap_or(r.seq);
                     if r.seq != expected {
-                        bail!("{}: record seq {} where {} was expected", path.display(), r.seq, expected);
+                        bail!(
+                            "{}: record seq {} where {} was expected",
+                            path.display(),
+                            r.seq,
+                            expected
+                        );
                     }
                     self.next_seq = Some(r.seq + 1);
                     return Ok(Some(r));

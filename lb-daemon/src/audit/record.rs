@@ -335,8 +335,12 @@ pub fn record_to_json(r: &Record) -> Value {
         Event::ControlDenied(c) => json!({
             "actor": actor(&c.actor), "action": c.action, "target": c.target, "reason": c.reason,
         }),
-        Event::Alert(a) => json!({ "rule": a.rule, "source": a.source, "message": a.message, "action": a.action }),
-        Event::BackendDrained(d) => json!({ "service": d.service, "backend": d.backend.to_string() }),
+        Event::Alert(a) => {
+            json!({ "rule": a.rule, "source": a.source, "message": a.message, "action": a.action })
+        }
+        Event::BackendDrained(d) => {
+            json!({ "service": d.service, "backend": d.backend.to_string() })
+        }
         Event::SegmentDeleted(d) => json!({
             "segment": d.index, "first_seq": d.first_seq, "last_seq": d.last_seq, "bytes": d.bytes, "reason": d.reason,
         }),

@@ -24,7 +24,8 @@ pub struct SealKey {
 impl SealKey {
     /// The initial key (epoch 0) from a key file: its bytes, surrounding whitespace removed.
     pub fn from_file(path: &Path) -> anyhow::Result<SealKey> {
-        let raw = fs::read(path).with_context(|| format!("reading the seal key {}", path.display()))?;
+        let raw =
+            fs::read(path).with_context(|| format!("reading the seal key {}", path.display()))?;
         let key = raw.trim_ascii().to_vec();
         if key.len() < 16 {
             bail!("{}: a seal key needs at least 16 bytes", path.display());
@@ -44,7 +45,10 @@ impl SealKey {
             bail!("{}: not a seal state", path.display());
         }
         let epoch = u64::from_le_bytes(raw[..8].try_into().expect("8 bytes"));
-        Ok(Some(SealKey { epoch, key: raw[8..].to_vec() }))
+        Ok(Some(SealKey {
+            epoch,
+            key: raw[8..].to_vec(),
+        }))
     }
 
     /// Saves the current epoch and key durably (write, fsync, rename, fsync the directory).
@@ -61,7 +65,8 @@ impl SealKey {
 
     /// The seal of a checkpoint record: HMAC-SHA256(key, seq as u64 LE ‖ head).
     pub fn seal(&self, seq: u64, head: &[u8; 32]) -> [u8; 32] {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key).expect("HMAC takes any key length");
+        let mut mac =
+            <Hmac<Sha256> as Mac>::new_from_slice(&self.key).expect("HMAC takes any key length");
         mac.update(&seq.to_le_bytes());
         mac.update(head);
         mac.finalize().into_bytes().into()

@@ -117,7 +117,8 @@ pub fn bincode_config() -> bincode::config::Configuration {
 
 /// One frame's bytes for a record.
 pub fn encode_frame(rec: &Record) -> anyhow::Result<Vec<u8>> {
-    let payload = bincode::serde::encode_to_vec(rec, bincode_config()).context("encoding a record")?;
+    let payload =
+        bincode::serde::encode_to_vec(rec, bincode_config()).context("encoding a record")?;
     let mut body = Vec::with_capacity(1 + payload.len());
     body.push(FRAME_RECORD);
     body.extend_from_slice(&payload);
@@ -133,8 +134,12 @@ pub fn list(dir: &Path) -> anyhow::Result<Vec<(u64, PathBuf)>> {
     let mut out = Vec::new();
     for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let path = entry?.path();
-        let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
-        let Some(stem) = name.strip_suffix(&format!(".{SUFFIX}")) else { continue };
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let Some(stem) = name.strip_suffix(&format!(".{SUFFIX}")) else {
+            continue;
+        };
         if let Ok(index) = stem.parse::<u64>() {
             out.push((index, path));
         }
@@ -153,7 +158,10 @@ pub enum Frame {
     /// Clean end of the segment.
     End,
     /// Bytes that do not form a whole, valid frame: a torn write at the tail, or corruption.
-    Bad { offset: u64, why: String },
+    Bad {
+        offset: u64,
+        why: String,
+    },
 }
 
 /// Reads the records of one segment in order, with bounded memory.
@@ -204,7 +212,12 @@ impl SegmentReader {
         if start == self.len {
             return Ok(Frame::End);
         }
-        let bad = |why: &str| Ok(Frame::Bad { offset: start, why: why.to_string() });
+        let bad = |why: &str| {
+            Ok(Frame::Bad {
+                offset: start,
+                why: why.to_string(),
+            })
+        };
         if self.len - start < 8 {
             return bad("truncated frame header");
         }
@@ -222,7 +235,7 @@ impl SegmentReader {
         body.resize(len as usize, 0);
         self.input.read_exact(body)?;
         self.offset = start + 8 + len as u64;
-        if crc32c::crc32c(&body) != crc {
+        if crc32c::crc32c(body) != crc {
             return bad("frame checksum mismatch");
         }
         if body[0] != FRAME_RECORD {
@@ -238,7 +251,10 @@ impl SegmentReader {
                 Ok(Frame::Record(rec))
             }
             Ok(_) => bad("trailing bytes after the record"),
-            Err(e) => Ok(Frame::Bad { offset: start, why: format!("undecodable record: {e}") }),
+            Err(e) => Ok(Frame::Bad {
+                offset: start,
+                why: format!("undecodable record: {e}"),
+            }),
         }
     }
 }
@@ -262,16 +278,27 @@ impl SegmentWriter {
         file.sync_all()?;
         // The new file's directory entry must be durable too.
         File::open(dir)?.sync_all()?;
-        Ok(SegmentWriter { path, out: BufWriter::with_capacity(1 << 16, file), len: HEADER_LEN as u64 })
+        Ok(SegmentWriter {
+            path,
+            out: BufWriter::with_capacity(1 << 16, file),
+            len: HEADER_LEN as u64,
+        })
     }
 
     /// Reopens a segment for appending after `valid_len` bytes; anything beyond is cut off.
     pub fn reopen(path: &Path, valid_len: u64) -> anyhow::Result<SegmentWriter> {
-        let mut file = OpenOptions::new().write(true).open(path).with_context(|| format!("opening {}", path.display()))?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
         file.set_len(valid_len)?;
         file.seek(SeekFrom::Start(valid_len))?;
         file.sync_all()?;
-        Ok(SegmentWriter { path: path.to_path_buf(), out: BufWriter::with_capacity(1 << 16, file), len: valid_len })
+        Ok(SegmentWriter {
+            path: path.to_path_buf(),
+            out: BufWriter::with_capacity(1 << 16, file),
+            len: valid_len,
+        })
     }
 
     pub fn write(&mut self, frame: &[u8]) -> io::Result<()> {
@@ -295,7 +322,11 @@ impl SegmentWriter {
 /// Reads a 16-byte identifier from a file of hex text (machine-id, boot_id); zero if absent.
 pub fn read_id(path: &str) -> [u8; 16] {
     let text = fs::read_to_string(path).unwrap_or_default();
-    let hex: String = text.chars().filter(char::is_ascii_hexdigit).take(32).collect();
+    let hex: String = text
+        .chars()
+        .filter(char::is_ascii_hexdigit)
+        .take(32)
+        .collect();
     let mut id = [0u8; 16];
     if hex.len() == 32 {
         for (i, b) in id.iter_mut().enumerate() {

@@ -30,7 +30,10 @@ fn sa(s: &str) -> SocketAddr {
 
 fn every_kind() -> Vec<Event> {
     vec![
-        Event::DaemonStart(DaemonStart { version: "0.1.0".into(), config: r#"{"ifaces":["eth0"]}"#.into() }),
+        Event::DaemonStart(DaemonStart {
+            version: "0.1.0".into(),
+            config: r#"{"ifaces":["eth0"]}"#.into(),
+        }),
         Event::ConnOpen(ConnOpen {
             flow_id: 7,
             proto: Proto::Tcp,
@@ -65,7 +68,9 @@ fn every_kind() -> Vec<Event> {
             rule: Some("deny 10.1.2.0/24".into()),
             suppressed: 9,
         }),
-        Event::DaemonStop(DaemonStop { reason: "signal".into() }),
+        Event::DaemonStop(DaemonStop {
+            reason: "signal".into(),
+        }),
     ]
 }
 
@@ -82,12 +87,21 @@ fn every_kind_round_trips_in_order() {
     let d = Dir::new("roundtrip");
     let mut w = AuditWriter::open(&d.0).unwrap();
     for (i, e) in every_kind().into_iter().enumerate() {
-        assert_eq!(w.append(t0() + Duration::from_secs(i as u64), e).unwrap(), i as u64 + 1);
+        assert_eq!(
+            w.append(t0() + Duration::from_secs(i as u64), e).unwrap(),
+            i as u64 + 1
+        );
     }
     w.sync().unwrap();
     let recs = read_all(&d.0).unwrap();
-    assert_eq!(recs.iter().map(|r| r.event.clone()).collect::<Vec<_>>(), every_kind());
-    assert_eq!(recs.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+    assert_eq!(
+        recs.iter().map(|r| r.event.clone()).collect::<Vec<_>>(),
+        every_kind()
+    );
+    assert_eq!(
+        recs.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
     assert_eq!(recs[0].time_ns, 1_795_000_000_123_456_789);
 }
 
@@ -119,16 +133,33 @@ fn a_torn_tail_is_cut_off_on_reopen() {
     let seg = segment::segment_path(&d.0, 1);
     let len = std::fs::metadata(&seg).unwrap().len();
     // A crash in the middle of writing the last record.
-    OpenOptions::new().write(true).open(&seg).unwrap().set_len(len - 5).unwrap();
-    assert_eq!(read_all(&d.0).unwrap().len(), 4, "a reader stops before the torn record");
+    OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(len - 5)
+        .unwrap();
+    assert_eq!(
+        read_all(&d.0).unwrap().len(),
+        4,
+        "a reader stops before the torn record"
+    );
     let mut w = AuditWriter::open(&d.0).unwrap();
-    assert_eq!(w.append(t0(), every_kind()[4].clone()).unwrap(), 6, "seq goes on after the recovery record");
+    assert_eq!(
+        w.append(t0(), every_kind()[4].clone()).unwrap(),
+        6,
+        "seq goes on after the recovery record"
+    );
     w.sync().unwrap();
     let recs = read_all(&d.0).unwrap();
     assert_eq!(recs.len(), 6);
     match &recs[4].event {
         Event::Recovery(r) => {
-            assert_eq!((r.segment, r.bytes_removed), (1, len - 5 - r.offset), "the torn bytes");
+            assert_eq!(
+                (r.segment, r.bytes_removed),
+                (1, len - 5 - r.offset),
+                "the torn bytes"
+            );
             assert!(r.reason.contains("truncated"), "{}", r.reason);
         }
         other => panic!("expected a recovery record, found {other:?}"),
@@ -147,11 +178,19 @@ fn damage_in_the_middle_is_an_error_naming_the_place() {
         w.sync().unwrap();
     }
     let seg = segment::segment_path(&d.0, 1);
-    let mut f = OpenOptions::new().read(true).write(true).open(&seg).unwrap();
-    f.seek(SeekFrom::Start(segment::HEADER_LEN as u64 + 20)).unwrap();
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&seg)
+        .unwrap();
+    f.seek(SeekFrom::Start(segment::HEADER_LEN as u64 + 20))
+        .unwrap();
     f.write_all(&[0xff]).unwrap();
     let err = format!("{:#}", read_all(&d.0).unwrap_err());
-    assert!(err.contains("00000001.lbaudit") && err.contains("offset 128") && err.contains("checksum"), "{err}");
+    assert!(
+        err.contains("00000001.lbaudit") && err.contains("offset 128") && err.contains("checksum"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -160,7 +199,10 @@ fn garbage_is_refused_not_panicked_on() {
     std::fs::create_dir_all(&d.0).unwrap();
     std::fs::write(segment::segment_path(&d.0, 1), b"definitely not a segment").unwrap();
     assert!(read_all(&d.0).is_err());
-    assert!(AuditWriter::open(&d.0).is_err(), "the writer does not append to something it cannot read");
+    assert!(
+        AuditWriter::open(&d.0).is_err(),
+        "the writer does not append to something it cannot read"
+    );
     let header = |incompat| segment::Header {
         incompat,
         compat: 0,
@@ -194,25 +236,55 @@ fn json_uses_the_contract_names() {
     let recs: Vec<Record> = every_kind()
         .into_iter()
         .enumerate()
-        .map(|(i, event)| Record { seq: i as u64 + 1, time_ns: 1_795_000_000_123_456_789, event })
+        .map(|(i, event)| Record {
+            seq: i as u64 + 1,
+            time_ns: 1_795_000_000_123_456_789,
+            event,
+        })
         .collect();
     let j: Vec<_> = recs.iter().map(record_to_json).collect();
     assert_eq!(j[0]["kind"], "daemon_start");
-    assert_eq!(j[0]["config"]["ifaces"][0], "eth0", "config is the parsed object");
+    assert_eq!(
+        j[0]["config"]["ifaces"][0], "eth0",
+        "config is the parsed object"
+    );
     assert_eq!(j[0]["time"], "2026-11-18T11:06:40.123456789Z");
-    for k in ["flow_id", "proto", "client", "vip", "service", "backend", "snat", "reason", "generation"] {
+    for k in [
+        "flow_id",
+        "proto",
+        "client",
+        "vip",
+        "service",
+        "backend",
+        "snat",
+        "reason",
+        "generation",
+    ] {
         assert!(!j[1][k].is_null(), "conn_open lacks {k}");
     }
     assert_eq!(j[1]["client"], "10.0.1.2:40000");
     for k in [
-        "flow_id", "proto", "client", "vip", "service", "backend", "duration_ns", "bytes_to_backend",
-        "bytes_to_client", "packets_to_backend", "packets_to_client", "close_reason",
+        "flow_id",
+        "proto",
+        "client",
+        "vip",
+        "service",
+        "backend",
+        "duration_ns",
+        "bytes_to_backend",
+        "bytes_to_client",
+        "packets_to_backend",
+        "packets_to_client",
+        "close_reason",
     ] {
         assert!(!j[2][k].is_null(), "conn_close lacks {k}");
     }
     assert_eq!(j[2]["client"], "[fd00:1::2]:40000");
     assert_eq!(j[2]["close_reason"], "idle_timeout");
-    assert_eq!((j[3]["reason"].as_str(), j[3]["rule"].as_str()), (Some("acl"), Some("deny 10.1.2.0/24")));
+    assert_eq!(
+        (j[3]["reason"].as_str(), j[3]["rule"].as_str()),
+        (Some("acl"), Some("deny 10.1.2.0/24"))
+    );
     assert_eq!(j[4]["kind"], "daemon_stop");
 }
 
@@ -221,18 +293,44 @@ fn json_uses_the_contract_names() {
 #[test]
 fn golden_frames_match_the_specification() {
     for (bytes, rec) in [(GOLDEN_OPEN, 1u64), (GOLDEN_CLOSE, 300)] {
-        let raw: Vec<u8> = bytes.split_whitespace().map(|h| u8::from_str_radix(h, 16).unwrap()).collect();
+        let raw: Vec<u8> = bytes
+            .split_whitespace()
+            .map(|h| u8::from_str_radix(h, 16).unwrap())
+            .collect();
         let (decoded, used) =
-            bincode::serde::decode_from_slice::<Record, _>(&raw[9..], segment::bincode_config()).unwrap();
+            bincode::serde::decode_from_slice::<Record, _>(&raw[9..], segment::bincode_config())
+                .unwrap();
         assert_eq!((decoded.seq, used), (rec, raw.len() - 9));
-        assert_eq!(crc32c::crc32c(&raw[8..]), u32::from_le_bytes(raw[4..8].try_into().unwrap()));
+        assert_eq!(
+            crc32c::crc32c(&raw[8..]),
+            u32::from_le_bytes(raw[4..8].try_into().unwrap())
+        );
     }
-    let hex = |f: Vec<u8>| f.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ");
+    let hex = |f: Vec<u8>| {
+        f.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     let norm = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
-    let open = Record { seq: 1, time_ns: 1_795_000_000_123_456_789, event: every_kind()[1].clone() };
-    assert_eq!(hex(segment::encode_frame(&open).unwrap()), norm(GOLDEN_OPEN));
-    let close = Record { seq: 300, time_ns: 1_795_000_000_123_456_789, event: every_kind()[2].clone() };
-    assert_eq!(hex(segment::encode_frame(&close).unwrap()), norm(GOLDEN_CLOSE));
+    let open = Record {
+        seq: 1,
+        time_ns: 1_795_000_000_123_456_789,
+        event: every_kind()[1].clone(),
+    };
+    assert_eq!(
+        hex(segment::encode_frame(&open).unwrap()),
+        norm(GOLDEN_OPEN)
+    );
+    let close = Record {
+        seq: 300,
+        time_ns: 1_795_000_000_123_456_789,
+        event: every_kind()[2].clone(),
+    };
+    assert_eq!(
+        hex(segment::encode_frame(&close).unwrap()),
+        norm(GOLDEN_CLOSE)
+    );
 }
 
 const GOLDEN_OPEN: &str = "38 00 00 00 af 8e 71 d7 01 01 fd 2a 9a 5e c6 fa 3d d2 31 02 07 00 00 0a 00 01 02 fb 40 9c
@@ -259,7 +357,8 @@ fn sealed_log(d: &Dir, n: u64) -> PathBuf {
     };
     let mut w = AuditWriter::open_with(&d.0, opts).unwrap();
     for i in 0..n {
-        w.append(t0(), every_kind()[(i % 5) as usize].clone()).unwrap();
+        w.append(t0(), every_kind()[(i % 5) as usize].clone())
+            .unwrap();
     }
     w.close().unwrap();
     key
@@ -300,7 +399,11 @@ fn an_intact_sealed_log_verifies_across_segments() {
     let r = verify_with(&d, &key).expect("intact");
     assert!(r.segments >= 3, "{} segments", r.segments);
     assert!(r.checkpoints >= 8);
-    assert_eq!(r.proven_through, r.last_seq.map(|s| s - 1), "close() ends with a checkpoint");
+    assert_eq!(
+        r.proven_through,
+        r.last_seq.map(|s| s - 1),
+        "close() ends with a checkpoint"
+    );
     // Without the key the chain still verifies.
     assert!(verify::verify(&d.0, None).is_ok());
     // A wrong key does not.
@@ -309,7 +412,10 @@ fn an_intact_sealed_log_verifies_across_segments() {
     let e = verify_with(&d, &wrong).unwrap_err();
     assert!(e.what.contains("seal"), "{e}");
     // Reopening continues seq, chain and seal epochs.
-    let opts = Options { seal_key: Some(SealKey::from_file(&key).unwrap()), ..Options::default() };
+    let opts = Options {
+        seal_key: Some(SealKey::from_file(&key).unwrap()),
+        ..Options::default()
+    };
     let mut w = AuditWriter::open_with(&d.0, opts).unwrap();
     w.append(t0(), every_kind()[4].clone()).unwrap();
     w.close().unwrap();
@@ -319,27 +425,73 @@ fn an_intact_sealed_log_verifies_across_segments() {
 #[test]
 fn tampering_is_detected_and_located() {
     let seg1 = |d: &Dir| segment::segment_path(&d.0, 1);
-    let cases: Vec<(&str, Box<dyn Fn(&Dir)>, &str)> = vec![
-        ("flipped byte", Box::new(|d| {
-            let mut b = std::fs::read(seg1(d)).unwrap();
-            b[segment::HEADER_LEN + 30] ^= 0x01;
-            std::fs::write(seg1(d), b).unwrap();
-        }), "checksum"),
-        ("deleted record", Box::new(|d| rewrite_segment(&seg1(d), |f| { f.remove(2); })), "seq"),
-        ("inserted record", Box::new(|d| rewrite_segment(&seg1(d), |f| { let x = f[1].clone(); f.insert(3, x); })), "seq"),
-        ("reordered records", Box::new(|d| rewrite_segment(&seg1(d), |f| f.swap(1, 2))), "seq"),
-        ("removed segment", Box::new(|d| std::fs::remove_file(segment::segment_path(&d.0, 2)).unwrap()), "missing"),
-        ("reordered segments", Box::new(|d| {
-            let (a, b) = (segment::segment_path(&d.0, 2), segment::segment_path(&d.0, 3));
-            let tmp = d.0.join("tmp");
-            std::fs::rename(&a, &tmp).unwrap();
-            std::fs::rename(&b, &a).unwrap();
-            std::fs::rename(&tmp, &b).unwrap();
-        }), "segment"),
-        ("truncated in the middle", Box::new(|d| {
-            let len = std::fs::metadata(seg1(d)).unwrap().len();
-            OpenOptions::new().write(true).open(seg1(d)).unwrap().set_len(len - 10).unwrap();
-        }), "truncated"),
+    type Damage<'a> = Box<dyn Fn(&Dir) + 'a>;
+    let cases: Vec<(&str, Damage<'_>, &str)> = vec![
+        (
+            "flipped byte",
+            Box::new(|d| {
+                let mut b = std::fs::read(seg1(d)).unwrap();
+                b[segment::HEADER_LEN + 30] ^= 0x01;
+                std::fs::write(seg1(d), b).unwrap();
+            }),
+            "checksum",
+        ),
+        (
+            "deleted record",
+            Box::new(|d| {
+                rewrite_segment(&seg1(d), |f| {
+                    f.remove(2);
+                })
+            }),
+            "seq",
+        ),
+        (
+            "inserted record",
+            Box::new(|d| {
+                rewrite_segment(&seg1(d), |f| {
+                    let x = f[1].clone();
+                    f.insert(3, x);
+                })
+            }),
+            "seq",
+        ),
+        (
+            "reordered records",
+            Box::new(|d| rewrite_segment(&seg1(d), |f| f.swap(1, 2))),
+            "seq",
+        ),
+        (
+            "removed segment",
+            Box::new(|d| std::fs::remove_file(segment::segment_path(&d.0, 2)).unwrap()),
+            "missing",
+        ),
+        (
+            "reordered segments",
+            Box::new(|d| {
+                let (a, b) = (
+                    segment::segment_path(&d.0, 2),
+                    segment::segment_path(&d.0, 3),
+                );
+                let tmp = d.0.join("tmp");
+                std::fs::rename(&a, &tmp).unwrap();
+                std::fs::rename(&b, &a).unwrap();
+                std::fs::rename(&tmp, &b).unwrap();
+            }),
+            "segment",
+        ),
+        (
+            "truncated in the middle",
+            Box::new(|d| {
+                let len = std::fs::metadata(seg1(d)).unwrap().len();
+                OpenOptions::new()
+                    .write(true)
+                    .open(seg1(d))
+                    .unwrap()
+                    .set_len(len - 10)
+                    .unwrap();
+            }),
+            "truncated",
+        ),
     ];
     for (what, damage, expect) in cases {
         let d = Dir::new(&what.replace(' ', "-"));
@@ -357,25 +509,51 @@ fn a_recomputed_chain_does_not_verify_without_the_key() {
     let key = sealed_log(&d, 30);
     // Someone without the key rewrites history: changes a record, and rebuilds every frame,
     // chain head and checkpoint so that everything but the seals is consistent.
-    let mut recs: Vec<Record> = AuditReader::open(&d.0).unwrap().map(|r| r.unwrap()).collect();
+    let mut recs: Vec<Record> = AuditReader::open(&d.0)
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
     if let Event::ConnOpen(o) = &mut recs[1].event {
         o.client = sa("10.66.66.66:40000");
     }
     let forged = Dir::new("forged-copy");
-    let mut w = AuditWriter::open_with(&forged.0, Options { segment_bytes: u64::MAX, checkpoint_records: u64::MAX, ..Options::default() }).unwrap();
+    let mut w = AuditWriter::open_with(
+        &forged.0,
+        Options {
+            segment_bytes: u64::MAX,
+            checkpoint_records: u64::MAX,
+            ..Options::default()
+        },
+    )
+    .unwrap();
     let mut head = [0u8; 32];
     for r in &recs {
         let event = match &r.event {
             // Keep the original seals: they do not match the new heads.
-            Event::Checkpoint(c) => Event::Checkpoint(Checkpoint { head, epoch: c.epoch, seal: c.seal }),
+            Event::Checkpoint(c) => Event::Checkpoint(Checkpoint {
+                head,
+                epoch: c.epoch,
+                seal: c.seal,
+            }),
             e => e.clone(),
         };
-        let rec = Record { seq: r.seq, time_ns: r.time_ns, event: event.clone() };
+        let rec = Record {
+            seq: r.seq,
+            time_ns: r.time_ns,
+            event: event.clone(),
+        };
         head = segment::chain(&head, &segment::encode_frame(&rec).unwrap());
-        w.append(SystemTime::UNIX_EPOCH + Duration::from_nanos(r.time_ns as u64), event).unwrap();
+        w.append(
+            SystemTime::UNIX_EPOCH + Duration::from_nanos(r.time_ns as u64),
+            event,
+        )
+        .unwrap();
     }
     w.sync().unwrap();
-    assert!(verify::verify(&forged.0, None).is_ok(), "the forged chain is self-consistent");
+    assert!(
+        verify::verify(&forged.0, None).is_ok(),
+        "the forged chain is self-consistent"
+    );
     let e = verify_with(&forged, &key).unwrap_err();
     assert!(e.what.contains("seal"), "{e}");
 }
@@ -384,26 +562,48 @@ fn a_recomputed_chain_does_not_verify_without_the_key() {
 fn fsync_policies_parse() {
     assert_eq!("always".parse::<FsyncPolicy>(), Ok(FsyncPolicy::Always));
     assert_eq!("never".parse::<FsyncPolicy>(), Ok(FsyncPolicy::Never));
-    assert_eq!("interval=250ms".parse::<FsyncPolicy>(), Ok(FsyncPolicy::Interval(Duration::from_millis(250))));
+    assert_eq!(
+        "interval=250ms".parse::<FsyncPolicy>(),
+        Ok(FsyncPolicy::Interval(Duration::from_millis(250)))
+    );
     assert!("sometimes".parse::<FsyncPolicy>().is_err());
 }
 
 #[test]
 fn retention_deletes_old_segments_on_record_and_the_rest_still_verifies() {
     let d = Dir::new("retain");
-    let opts = Options { segment_bytes: 2048, retain_bytes: Some(6000), checkpoint_records: 10, ..Options::default() };
+    let opts = Options {
+        segment_bytes: 2048,
+        retain_bytes: Some(6000),
+        checkpoint_records: 10,
+        ..Options::default()
+    };
     let mut w = AuditWriter::open_with(&d.0, opts).unwrap();
     for i in 0..300u64 {
-        w.append(t0(), every_kind()[(i % 5) as usize].clone()).unwrap();
+        w.append(t0(), every_kind()[(i % 5) as usize].clone())
+            .unwrap();
     }
     w.close().unwrap();
     let segs = segment::list(&d.0).unwrap();
     assert!(segs[0].0 > 1, "old segments are gone");
-    let total: u64 = segs.iter().map(|(_, p)| std::fs::metadata(p).unwrap().len()).sum();
-    assert!(total <= 6000 + 2048 + 512, "the log stays near its limit: {total}");
+    let total: u64 = segs
+        .iter()
+        .map(|(_, p)| std::fs::metadata(p).unwrap().len())
+        .sum();
+    assert!(
+        total <= 6000 + 2048 + 512,
+        "the log stays near its limit: {total}"
+    );
     let r = verify::verify(&d.0, None).expect("what is left verifies");
-    assert_eq!(r.deleted_segments, segs[0].0 - 1, "every deletion is on record");
-    let recs: Vec<Record> = AuditReader::open(&d.0).unwrap().map(|r| r.unwrap()).collect();
+    assert_eq!(
+        r.deleted_segments,
+        segs[0].0 - 1,
+        "every deletion is on record"
+    );
+    let recs: Vec<Record> = AuditReader::open(&d.0)
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
     let newest_gone = segs[0].0 - 1;
     assert!(recs.iter().any(|r| matches!(&r.event, Event::SegmentDeleted(s) if s.index == newest_gone && s.reason == "size")));
     // A segment removed by someone else is not on record.
@@ -415,7 +615,10 @@ fn retention_deletes_old_segments_on_record_and_the_rest_still_verifies() {
 #[test]
 fn segments_rotate_by_age() {
     let d = Dir::new("age");
-    let opts = Options { segment_age: Duration::ZERO, ..Options::default() };
+    let opts = Options {
+        segment_age: Duration::ZERO,
+        ..Options::default()
+    };
     let mut w = AuditWriter::open_with(&d.0, opts).unwrap();
     for e in every_kind() {
         w.append(t0(), e).unwrap();
@@ -434,7 +637,10 @@ fn random_corruption_is_always_detected() {
     let d = Dir::new("fuzz");
     let key = sealed_log(&d, 80);
     let segs = segment::list(&d.0).unwrap();
-    let originals: Vec<Vec<u8>> = segs.iter().map(|(_, p)| std::fs::read(p).unwrap()).collect();
+    let originals: Vec<Vec<u8>> = segs
+        .iter()
+        .map(|(_, p)| std::fs::read(p).unwrap())
+        .collect();
     let good: Vec<Record> = read_all(&d.0).unwrap();
     let mut rng = 0x1234_5678_9abc_def1u64;
     let mut next = move || {
@@ -458,11 +664,17 @@ fn random_corruption_is_always_detected() {
             Err(_) => {}
             // A damaged length in the very last frame reads as a write torn by a crash, which
             // verify reports (and the daemon cuts off) rather than calls tampering.
-            Ok(r) => assert!(s + 1 == segs.len() && r.torn_tail_bytes > 0, "case {i}: corruption of segment {s} went unnoticed"),
+            Ok(r) => assert!(
+                s + 1 == segs.len() && r.torn_tail_bytes > 0,
+                "case {i}: corruption of segment {s} went unnoticed"
+            ),
         }
         for rec in AuditReader::open(&d.0).unwrap() {
             match rec {
-                Ok(r) => assert!(good.contains(&r), "case {i}: read returned a record not in the log"),
+                Ok(r) => assert!(
+                    good.contains(&r),
+                    "case {i}: read returned a record not in the log"
+                ),
                 Err(_) => break,
             }
         }

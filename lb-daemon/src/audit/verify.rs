@@ -63,7 +63,10 @@ pub fn verify(dir: &Path, key: Option<SealKey>) -> Result<Report, Damage> {
     }
     let sealed = key.is_some();
     let mut key = key;
-    let mut report = Report { sealed, ..Report::default() };
+    let mut report = Report {
+        sealed,
+        ..Report::default()
+    };
     let mut head = [0u8; 32];
     let mut next_seq: Option<u64> = None;
     let last_index = segments.last().map(|(i, _)| *i).unwrap_or(0);
@@ -73,29 +76,56 @@ pub fn verify(dir: &Path, key: Option<SealKey>) -> Result<Report, Damage> {
     for (n, (index, path)) in segments.iter().enumerate() {
         let expected_index = first_index + n as u64;
         if *index != expected_index {
-            return Err(damage(path, 0, None, format!("segment {expected_index} is missing (found {index})")));
+            return Err(damage(
+                path,
+                0,
+                None,
+                format!("segment {expected_index} is missing (found {index})"),
+            ));
         }
-        let mut r = SegmentReader::open(path).map_err(|e| damage(path, 0, None, format!("{e:#}")))?;
+        let mut r =
+            SegmentReader::open(path).map_err(|e| damage(path, 0, None, format!("{e:#}")))?;
         if r.header.index != *index {
-            return Err(damage(path, 0, None, format!("header says segment {}", r.header.index)));
+            return Err(damage(
+                path,
+                0,
+                None,
+                format!("header says segment {}", r.header.index),
+            ));
         }
-        if let Some(s) = next_seq {
-            if r.header.first_seq != s {
-                return Err(damage(path, 0, None, format!("starts at seq {} where {s} was expected", r.header.first_seq)));
-            }
+        if let Some(s) = next_seq
+            && r.header.first_seq != s
+        {
+            return Err(damage(
+                path,
+                0,
+                None,
+                format!(
+                    "starts at seq {} where {s} was expected",
+                    r.header.first_seq
+                ),
+            ));
         }
         if n == 0 && first_index > 1 {
             // The chain is proven from here on: the segments before are gone.
             head = r.header.prev_head;
         }
         if r.header.prev_head != head {
-            return Err(damage(path, 0, None, "header's chain head does not continue the previous segment".into()));
+            return Err(damage(
+                path,
+                0,
+                None,
+                "header's chain head does not continue the previous segment".into(),
+            ));
         }
         next_seq = Some(r.header.first_seq);
         report.segments += 1;
         loop {
             let offset = r.offset;
-            match r.next_frame().map_err(|e| damage(path, offset, next_seq, e.to_string()))? {
+            match r
+                .next_frame()
+                .map_err(|e| damage(path, offset, next_seq, e.to_string()))?
+            {
                 Frame::End => break,
                 Frame::Bad { offset, why } => {
                     if *index == last_index && why.starts_with("truncated") {
@@ -107,21 +137,53 @@ pub fn verify(dir: &Path, key: Option<SealKey>) -> Result<Report, Damage> {
                 Frame::Record(rec) => {
                     let expected = next_seq.unwrap_or(rec.seq);
                     if rec.seq != expected {
-                        return Err(damage(path, offset, Some(expected), format!("record seq {} where {expected} was expected", rec.seq)));
+                        return Err(damage(
+                            path,
+                            offset,
+                            Some(expected),
+                            format!("record seq {} where {expected} was expected", rec.seq),
+                        ));
                     }
                     match &rec.event {
                         Event::Checkpoint(c) => {
                             if c.head != head {
-                                return Err(damage(path, offset, Some(rec.seq), "checkpoint does not match the hash chain".into()));
+                                return Err(damage(
+                                    path,
+                                    offset,
+                                    Some(rec.seq),
+                                    "checkpoint does not match the hash chain".into(),
+                                ));
                             }
                             if let Some(k) = &mut key {
                                 if c.epoch != k.epoch {
-                                    return Err(damage(path, offset, Some(rec.seq), format!("checkpoint of seal epoch {} where {} was expected", c.epoch, k.epoch)));
+                                    return Err(damage(
+                                        path,
+                                        offset,
+                                        Some(rec.seq),
+                                        format!(
+                                            "checkpoint of seal epoch {} where {} was expected",
+                                            c.epoch, k.epoch
+                                        ),
+                                    ));
                                 }
                                 match c.seal {
                                     Some(s) if s == k.seal(rec.seq, &c.head) => k.evolve(),
-                                    Some(_) => return Err(damage(path, offset, Some(rec.seq), "seal does not verify with the key".into())),
-                                    None => return Err(damage(path, offset, Some(rec.seq), "checkpoint is not sealed".into())),
+                                    Some(_) => {
+                                        return Err(damage(
+                                            path,
+                                            offset,
+                                            Some(rec.seq),
+                                            "seal does not verify with the key".into(),
+                                        ));
+                                    }
+                                    None => {
+                                        return Err(damage(
+                                            path,
+                                            offset,
+                                            Some(rec.seq),
+                                            "checkpoint is not sealed".into(),
+                                        ));
+                                    }
                                 }
                             }
                             report.checkpoints += 1;
@@ -153,7 +215,10 @@ pub fn verify(dir: &Path, key: Option<SealKey>) -> Result<Report, Damage> {
             &segments[0].1,
             0,
             None,
-            format!("segment {} is missing and no record says it was deleted", first_index - 1),
+            format!(
+                "segment {} is missing and no record says it was deleted",
+                first_index - 1
+            ),
         ));
     }
     report.deleted_segments = first_index - 1;

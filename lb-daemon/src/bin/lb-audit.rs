@@ -8,8 +8,8 @@ use std::{
     process::ExitCode,
 };
 
-use clap::{Parser, Subcommand, ValueEnum};
 use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
 use lb_daemon::audit::{
     AuditReader, Event, Proto, Record, SealKey,
     filter::{self, Endpoint, Filter},
@@ -110,8 +110,18 @@ impl FilterArgs {
     fn build(&self) -> anyhow::Result<Filter> {
         let now = std::time::SystemTime::now();
         Ok(Filter {
-            since_ns: self.since.as_deref().map(|s| filter::parse_instant(s, now)).transpose().context("--since")?,
-            until_ns: self.until.as_deref().map(|s| filter::parse_instant(s, now)).transpose().context("--until")?,
+            since_ns: self
+                .since
+                .as_deref()
+                .map(|s| filter::parse_instant(s, now))
+                .transpose()
+                .context("--since")?,
+            until_ns: self
+                .until
+                .as_deref()
+                .map(|s| filter::parse_instant(s, now))
+                .transpose()
+                .context("--until")?,
             kinds: self.kind.clone(),
             client: self
                 .client
@@ -119,9 +129,19 @@ impl FilterArgs {
                 .map(|c| c.parse().map_err(|e: String| anyhow::anyhow!(e)))
                 .transpose()
                 .context("--client")?,
-            vip: self.vip.as_deref().map(Endpoint::parse).transpose().context("--vip")?,
+            vip: self
+                .vip
+                .as_deref()
+                .map(Endpoint::parse)
+                .transpose()
+                .context("--vip")?,
             service: self.service.clone(),
-            backend: self.backend.as_deref().map(Endpoint::parse).transpose().context("--backend")?,
+            backend: self
+                .backend
+                .as_deref()
+                .map(Endpoint::parse)
+                .transpose()
+                .context("--backend")?,
             proto: match self.proto.as_deref() {
                 None => None,
                 Some("tcp") => Some(Proto::Tcp),
@@ -142,9 +162,29 @@ enum Format {
 
 /// CSV columns: every field of every kind, empty where a kind has none.
 const CSV_COLUMNS: &[&str] = &[
-    "seq", "time", "kind", "flow_id", "proto", "client", "vip", "service", "backend", "snat", "reason",
-    "generation", "duration_ns", "bytes_to_backend", "bytes_to_client", "packets_to_backend",
-    "packets_to_client", "close_reason", "rule", "suppressed", "version", "source", "count",
+    "seq",
+    "time",
+    "kind",
+    "flow_id",
+    "proto",
+    "client",
+    "vip",
+    "service",
+    "backend",
+    "snat",
+    "reason",
+    "generation",
+    "duration_ns",
+    "bytes_to_backend",
+    "bytes_to_client",
+    "packets_to_backend",
+    "packets_to_client",
+    "close_reason",
+    "rule",
+    "suppressed",
+    "version",
+    "source",
+    "count",
 ];
 
 fn main() -> ExitCode {
@@ -158,16 +198,35 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Verify { dir, key } => return verify_cmd(&dir, key.as_deref()),
-        Command::Read { dir, format, filter } => filter.build().map_err(usage).and_then(|f| read(&dir, format, &f)),
-        Command::Follow { dir, format, filter } => filter.build().map_err(usage).and_then(|f| follow(&dir, format, &f)),
+        Command::Read {
+            dir,
+            format,
+            filter,
+        } => filter
+            .build()
+            .map_err(usage)
+            .and_then(|f| read(&dir, format, &f)),
+        Command::Follow {
+            dir,
+            format,
+            filter,
+        } => filter
+            .build()
+            .map_err(usage)
+            .and_then(|f| follow(&dir, format, &f)),
         Command::Config { dir, at } => config_at(&dir, at.as_deref()),
-        Command::Stats { dir, filter, top } => filter.build().map_err(usage).and_then(|f| stats(&dir, &f, top)),
+        Command::Stats { dir, filter, top } => filter
+            .build()
+            .map_err(usage)
+            .and_then(|f| stats(&dir, &f, top)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // A closed pipe (`| head`) is not an error of the log.
-            if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) {
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            {
                 return ExitCode::SUCCESS;
             }
             eprintln!("lb-audit: {e:#}");
@@ -202,17 +261,32 @@ fn verify_cmd(dir: &std::path::Path, key: Option<&std::path::Path>) -> ExitCode 
     };
     match verify::verify(dir, key) {
         Ok(r) => {
-            println!("intact: {} segment(s), {} record(s), seq {}..{}", r.segments, r.records,
-                r.first_seq.map_or("-".into(), |s| s.to_string()), r.last_seq.map_or("-".into(), |s| s.to_string()));
-            let what = if r.sealed { "sealed checkpoints" } else { "checkpoints (unsealed: no --key)" };
+            println!(
+                "intact: {} segment(s), {} record(s), seq {}..{}",
+                r.segments,
+                r.records,
+                r.first_seq.map_or("-".into(), |s| s.to_string()),
+                r.last_seq.map_or("-".into(), |s| s.to_string())
+            );
+            let what = if r.sealed {
+                "sealed checkpoints"
+            } else {
+                "checkpoints (unsealed: no --key)"
+            };
             match r.proven_through {
-                Some(p) => println!("{} {what}; the hash chain is proven through seq {p}", r.checkpoints),
+                Some(p) => println!(
+                    "{} {what}; the hash chain is proven through seq {p}",
+                    r.checkpoints
+                ),
                 None => println!("no checkpoint yet: nothing is proven by the hash chain"),
             }
-            if let (Some(p), Some(last)) = (r.proven_through, r.last_seq) {
-                if last > p + 1 {
-                    println!("{} record(s) after the last checkpoint (written since, not yet covered)", last - p - 1);
-                }
+            if let (Some(p), Some(last)) = (r.proven_through, r.last_seq)
+                && last > p + 1
+            {
+                println!(
+                    "{} record(s) after the last checkpoint (written since, not yet covered)",
+                    last - p - 1
+                );
             }
             if r.losses.is_empty() {
                 println!("no loss recorded");
@@ -221,10 +295,16 @@ fn verify_cmd(dir: &std::path::Path, key: Option<&std::path::Path>) -> ExitCode 
                 println!("loss: {count} record(s) from {source} in {window}");
             }
             if r.recoveries > 0 {
-                println!("{} recovery record(s): torn tails cut off after crashes", r.recoveries);
+                println!(
+                    "{} recovery record(s): torn tails cut off after crashes",
+                    r.recoveries
+                );
             }
             if r.torn_tail_bytes > 0 {
-                println!("a torn record of {} byte(s) ends the log (cut off when the daemon restarts)", r.torn_tail_bytes);
+                println!(
+                    "a torn record of {} byte(s) ends the log (cut off when the daemon restarts)",
+                    r.torn_tail_bytes
+                );
             }
             ExitCode::SUCCESS
         }
@@ -286,7 +366,9 @@ fn follow(dir: &std::path::Path, format: Format, filter: &Filter) -> anyhow::Res
                 }
                 Frame::End => break,
                 Frame::Bad { why, .. } if why.starts_with("truncated") => break,
-                Frame::Bad { offset, why } => anyhow::bail!("{} at offset {offset}: {why}", path.display()),
+                Frame::Bad { offset, why } => {
+                    anyhow::bail!("{} at offset {offset}: {why}", path.display())
+                }
             }
         }
         out.flush()?;
@@ -301,7 +383,9 @@ fn follow(dir: &std::path::Path, format: Format, filter: &Filter) -> anyhow::Res
 
 fn config_at(dir: &std::path::Path, at: Option<&str>) -> anyhow::Result<()> {
     let at_ns = match at {
-        Some(t) => filter::parse_instant(t, std::time::SystemTime::now()).map_err(usage).context("--at")?,
+        Some(t) => filter::parse_instant(t, std::time::SystemTime::now())
+            .map_err(usage)
+            .context("--at")?,
         None => i64::MAX,
     };
     let mut config: Option<serde_json::Value> = None;
@@ -313,7 +397,10 @@ fn config_at(dir: &std::path::Path, at: Option<&str>) -> anyhow::Result<()> {
         }
         match &rec.event {
             Event::DaemonStart(d) => {
-                config = Some(serde_json::from_str(&d.config).context("daemon_start holds no JSON configuration")?);
+                config = Some(
+                    serde_json::from_str(&d.config)
+                        .context("daemon_start holds no JSON configuration")?,
+                );
                 generation = 1;
             }
             Event::ConfigChange(c) => {
@@ -336,14 +423,25 @@ fn config_at(dir: &std::path::Path, at: Option<&str>) -> anyhow::Result<()> {
 /// Applies one recorded change to the configuration it was made on. Backend changes have the
 /// target `SERVICE IP:PORT` and an `after` of the backend's changed fields.
 fn apply_change(cfg: &mut serde_json::Value, action: &str, target: &str, after: &str) {
-    let Some((service, backend)) = target.split_once(' ') else { return };
-    let Ok(after) = serde_json::from_str::<serde_json::Value>(after) else { return };
+    let Some((service, backend)) = target.split_once(' ') else {
+        return;
+    };
+    let Ok(after) = serde_json::from_str::<serde_json::Value>(after) else {
+        return;
+    };
     if !action.starts_with("backend.") {
         return;
     }
-    let Some(services) = cfg["services"].as_array_mut() else { return };
+    let Some(services) = cfg["services"].as_array_mut() else {
+        return;
+    };
     for s in services.iter_mut().filter(|s| s["name"] == service) {
-        for b in s["backends"].as_array_mut().into_iter().flatten().filter(|b| b["addr"] == backend) {
+        for b in s["backends"]
+            .as_array_mut()
+            .into_iter()
+            .flatten()
+            .filter(|b| b["addr"] == backend)
+        {
             for (k, v) in after.as_object().into_iter().flatten() {
                 b[k] = v.clone();
             }
@@ -367,17 +465,29 @@ fn stats(dir: &std::path::Path, filter: &Filter, top: usize) -> anyhow::Result<(
         match &rec.event {
             Event::ConnOpen(o) => {
                 clients.entry(o.client.ip()).or_default().0 += 1;
-                backends.entry(format!("{} {}", o.service, o.backend)).or_default().0 += 1;
-                *per_minute.entry(rec.time_ns.div_euclid(60_000_000_000)).or_default() += 1;
+                backends
+                    .entry(format!("{} {}", o.service, o.backend))
+                    .or_default()
+                    .0 += 1;
+                *per_minute
+                    .entry(rec.time_ns.div_euclid(60_000_000_000))
+                    .or_default() += 1;
             }
             Event::ConnClose(c) => {
-                let b = backends.entry(format!("{} {}", c.service, c.backend)).or_default();
+                let b = backends
+                    .entry(format!("{} {}", c.service, c.backend))
+                    .or_default();
                 b.1 += c.bytes_to_backend;
                 b.2 += c.bytes_to_client;
             }
             Event::ConnDeny(d) => {
                 clients.entry(d.client.ip()).or_default().1 += 1 + d.suppressed;
-                *denies.entry((d.reason.name().to_string(), d.rule.clone().unwrap_or_default())).or_default() += 1 + d.suppressed;
+                *denies
+                    .entry((
+                        d.reason.name().to_string(),
+                        d.rule.clone().unwrap_or_default(),
+                    ))
+                    .or_default() += 1 + d.suppressed;
             }
             _ => {}
         }
@@ -387,17 +497,31 @@ fn stats(dir: &std::path::Path, filter: &Filter, top: usize) -> anyhow::Result<(
     writeln!(out, "{records} record(s)")?;
     let mut top_clients: Vec<_> = clients.into_iter().collect();
     top_clients.sort_by(|a, b| (b.1.0 + b.1.1).cmp(&(a.1.0 + a.1.1)).then(a.0.cmp(&b.0)));
-    writeln!(out, "\ntop clients                              flows   refused")?;
+    writeln!(
+        out,
+        "\ntop clients                              flows   refused"
+    )?;
     for (ip, (opens, refused)) in top_clients.iter().take(top) {
         writeln!(out, "  {:<38} {:>6} {:>9}", ip.to_string(), opens, refused)?;
     }
-    writeln!(out, "\nbackends                                 flows  bytes to backend  bytes to client")?;
+    writeln!(
+        out,
+        "\nbackends                                 flows  bytes to backend  bytes to client"
+    )?;
     for (b, (flows, tb, tc)) in &backends {
         writeln!(out, "  {b:<38} {flows:>6} {tb:>17} {tc:>16}")?;
     }
     writeln!(out, "\nrefused by reason and rule")?;
     for ((reason, rule), n) in &denies {
-        writeln!(out, "  {:<38} {n:>6}", if rule.is_empty() { reason.clone() } else { format!("{reason} ({rule})") })?;
+        writeln!(
+            out,
+            "  {:<38} {n:>6}",
+            if rule.is_empty() {
+                reason.clone()
+            } else {
+                format!("{reason} ({rule})")
+            }
+        )?;
     }
     writeln!(out, "\nnew flows per minute")?;
     for (minute, n) in &per_minute {
@@ -421,12 +545,21 @@ fn csv_line(rec: &Record) -> String {
 }
 
 fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() }
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
 }
 
 /// One aligned line: time, seq, kind, then what matters for the kind.
 fn text_line(rec: &Record) -> String {
-    let head = format!("{} {:>8} {:<12}", rfc3339(rec.time_ns), rec.seq, rec.event.kind());
+    let head = format!(
+        "{} {:>8} {:<12}",
+        rfc3339(rec.time_ns),
+        rec.seq,
+        rec.event.kind()
+    );
     let rest = match &rec.event {
         Event::DaemonStart(d) => format!("version {}", d.version),
         Event::Checkpoint(c) => format!(
@@ -435,18 +568,44 @@ fn text_line(rec: &Record) -> String {
             c.epoch,
             if c.seal.is_some() { " sealed" } else { "" }
         ),
-        Event::Recovery(r) => format!("segment {} offset {}: {} byte(s) cut off ({})", r.segment, r.offset, r.bytes_removed, r.reason),
-        Event::Loss(l) => format!("{} record(s) lost from {} between {} and {}", l.count, l.source, rfc3339(l.since_ns), rfc3339(l.until_ns)),
-        Event::ConfigChange(c) => format!("{} {} by {} (uid {}): {} → {}", c.action, c.target, c.actor.user, c.actor.uid, c.before, c.after),
+        Event::Recovery(r) => format!(
+            "segment {} offset {}: {} byte(s) cut off ({})",
+            r.segment, r.offset, r.bytes_removed, r.reason
+        ),
+        Event::Loss(l) => format!(
+            "{} record(s) lost from {} between {} and {}",
+            l.count,
+            l.source,
+            rfc3339(l.since_ns),
+            rfc3339(l.until_ns)
+        ),
+        Event::ConfigChange(c) => format!(
+            "{} {} by {} (uid {}): {} → {}",
+            c.action, c.target, c.actor.user, c.actor.uid, c.before, c.after
+        ),
         Event::HealthChange(h) => format!("{} {} {} → {}", h.service, h.backend, h.from, h.to),
-        Event::ControlDenied(c) => format!("{} {} by {} (uid {}): {}", c.action, c.target, c.actor.user, c.actor.uid, c.reason),
+        Event::ControlDenied(c) => format!(
+            "{} {} by {} (uid {}): {}",
+            c.action, c.target, c.actor.user, c.actor.uid, c.reason
+        ),
         Event::Alert(a) => format!("{}: {}", a.rule, a.message),
         Event::BackendDrained(d) => format!("{} {} has no flow left", d.service, d.backend),
-        Event::SegmentDeleted(d) => format!("segment {} (seq {}..{}, {} bytes) deleted by retention ({})", d.index, d.first_seq, d.last_seq, d.bytes, d.reason),
+        Event::SegmentDeleted(d) => format!(
+            "segment {} (seq {}..{}, {} bytes) deleted by retention ({})",
+            d.index, d.first_seq, d.last_seq, d.bytes, d.reason
+        ),
         Event::DaemonStop(d) => format!("reason {}", d.reason),
         Event::ConnOpen(o) => format!(
             "{} {:<22} → {:<22} {} via {} (snat {}, {} gen {}) flow {}",
-            o.proto.name(), o.client, o.vip, o.service, o.backend, o.snat, o.reason, o.generation, o.flow_id
+            o.proto.name(),
+            o.client,
+            o.vip,
+            o.service,
+            o.backend,
+            o.snat,
+            o.reason,
+            o.generation,
+            o.flow_id
         ),
         Event::ConnClose(c) => format!(
             "{} {:<22} → {:<22} {} via {} {} after {:.3}s, {}B/{}p to backend, {}B/{}p to client, flow {}",
@@ -470,8 +629,15 @@ fn text_line(rec: &Record) -> String {
             d.vip,
             d.service,
             d.reason.name(),
-            d.rule.as_deref().map(|r| format!(" ({r})")).unwrap_or_default(),
-            if d.suppressed > 0 { format!(", {} more since the last record", d.suppressed) } else { String::new() }
+            d.rule
+                .as_deref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default(),
+            if d.suppressed > 0 {
+                format!(", {} more since the last record", d.suppressed)
+            } else {
+                String::new()
+            }
         ),
     };
     format!("{head} {rest}")

@@ -49,7 +49,11 @@ enum BackendOp {
     /// Back into rotation.
     Undrain { service: String, backend: String },
     /// Set its weight (1 to 1000).
-    Weight { service: String, backend: String, weight: u32 },
+    Weight {
+        service: String,
+        backend: String,
+        weight: u32,
+    },
 }
 
 fn main() -> ExitCode {
@@ -66,14 +70,31 @@ fn main() -> ExitCode {
         Command::Services => req("services", None, None, None),
         Command::Backends { service } => req("backends", Some(service), None, None),
         Command::Flows { service } => req("flows", service.as_ref(), None, None),
-        Command::Backend { op: BackendOp::Drain { service, backend } } => req("backend.drain", Some(service), Some(backend), None),
-        Command::Backend { op: BackendOp::Undrain { service, backend } } => req("backend.undrain", Some(service), Some(backend), None),
-        Command::Backend { op: BackendOp::Weight { service, backend, weight } } => {
-            req("backend.weight", Some(service), Some(backend), Some(*weight))
-        }
+        Command::Backend {
+            op: BackendOp::Drain { service, backend },
+        } => req("backend.drain", Some(service), Some(backend), None),
+        Command::Backend {
+            op: BackendOp::Undrain { service, backend },
+        } => req("backend.undrain", Some(service), Some(backend), None),
+        Command::Backend {
+            op:
+                BackendOp::Weight {
+                    service,
+                    backend,
+                    weight,
+                },
+        } => req(
+            "backend.weight",
+            Some(service),
+            Some(backend),
+            Some(*weight),
+        ),
     };
     let socket = control::socket_path(cli.socket.clone());
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("lbctl: {e}");
@@ -88,7 +109,10 @@ fn main() -> ExitCode {
         }
     };
     if !response.ok {
-        eprintln!("lbctl: {}", response.error.as_deref().unwrap_or("the daemon refused"));
+        eprintln!(
+            "lbctl: {}",
+            response.error.as_deref().unwrap_or("the daemon refused")
+        );
         return ExitCode::from(match response.code {
             Some(Refusal::Refused) => 3,
             Some(Refusal::Invalid) => 4,
@@ -104,8 +128,18 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn req(action: &str, service: Option<&String>, backend: Option<&String>, weight: Option<u32>) -> Request {
-    Request { action: action.into(), service: service.cloned(), backend: backend.cloned(), weight }
+fn req(
+    action: &str,
+    service: Option<&String>,
+    backend: Option<&String>,
+    weight: Option<u32>,
+) -> Request {
+    Request {
+        action: action.into(),
+        service: service.cloned(),
+        backend: backend.cloned(),
+        weight,
+    }
 }
 
 /// A table of the given columns from an array of objects.
@@ -114,14 +148,42 @@ fn table(rows: &Value, columns: &[&str]) {
         .as_array()
         .map(|a| {
             a.iter()
-                .map(|r| columns.iter().map(|c| match &r[*c] { Value::String(s) => s.clone(), Value::Null => "-".into(), v => v.to_string() }).collect())
+                .map(|r| {
+                    columns
+                        .iter()
+                        .map(|c| match &r[*c] {
+                            Value::String(s) => s.clone(),
+                            Value::Null => "-".into(),
+                            v => v.to_string(),
+                        })
+                        .collect()
+                })
                 .collect()
         })
         .unwrap_or_default();
-    let widths: Vec<usize> =
-        columns.iter().enumerate().map(|(i, c)| rows.iter().map(|r| r[i].len()).max().unwrap_or(0).max(c.len())).collect();
-    let line = |cells: Vec<String>| cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect::<Vec<_>>().join("  ");
-    println!("{}", line(columns.iter().map(|c| c.to_uppercase()).collect()));
+    let widths: Vec<usize> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            rows.iter()
+                .map(|r| r[i].len())
+                .max()
+                .unwrap_or(0)
+                .max(c.len())
+        })
+        .collect();
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    println!(
+        "{}",
+        line(columns.iter().map(|c| c.to_uppercase()).collect())
+    );
     for r in rows {
         println!("{}", line(r));
     }
@@ -133,7 +195,12 @@ fn print_human(command: &Command, data: &Value) {
             if let Some(o) = data.as_object() {
                 for (k, v) in o {
                     if k != "counters" {
-                        println!("{k:<18} {}", v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()));
+                        println!(
+                            "{k:<18} {}",
+                            v.as_str()
+                                .map(str::to_string)
+                                .unwrap_or_else(|| v.to_string())
+                        );
                     }
                 }
                 println!("counters");
@@ -142,11 +209,35 @@ fn print_human(command: &Command, data: &Value) {
                 }
             }
         }
-        Command::Services => table(data, &["name", "proto", "vip", "backends", "in_rotation", "generation"]),
-        Command::Backends { .. } => table(data, &["backend", "weight", "health", "drained", "snat", "failures"]),
-        Command::Flows { .. } => {
-            table(data, &["proto", "client", "vip", "backend", "service", "state", "bytes_to_backend", "bytes_to_client", "idle_s"])
-        }
+        Command::Services => table(
+            data,
+            &[
+                "name",
+                "proto",
+                "vip",
+                "backends",
+                "in_rotation",
+                "generation",
+            ],
+        ),
+        Command::Backends { .. } => table(
+            data,
+            &["backend", "weight", "health", "drained", "snat", "failures"],
+        ),
+        Command::Flows { .. } => table(
+            data,
+            &[
+                "proto",
+                "client",
+                "vip",
+                "backend",
+                "service",
+                "state",
+                "bytes_to_backend",
+                "bytes_to_client",
+                "idle_s",
+            ],
+        ),
         Command::Backend { .. } => println!(
             "done: configuration generation {}, Maglev generation {}",
             data["config_generation"], data["maglev_generation"]
