@@ -72,6 +72,10 @@ pub struct Args {
     #[arg(long = "role", value_name = "ROLE=user:NAME|group:NAME", value_parser = clap::value_parser!(crate::control::RoleGrant))]
     pub roles: Vec<crate::control::RoleGrant>,
 
+    /// Log lines on stderr: `text` (reads well in journald) or `json` (one object per line).
+    #[arg(long = "log-format", value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+
     /// Directory of the audit log.
     #[arg(long = "audit-dir", value_name = "DIR", default_value = DEFAULT_AUDIT_DIR)]
     pub audit_dir: PathBuf,

@@ -25,7 +25,7 @@ use crate::{
     dataplane::{self, Dataplane, FlowPair, socket_addr},
     health,
     journal::Journal,
-    neighbors,
+    neighbors, notify,
 };
 
 /// How often flows are swept and backends' neighbour entries refreshed.
@@ -94,6 +94,11 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
     audit.sync();
     audit.apply(&mut dp)?;
     info!(ifaces = ?settings.ifaces, services = services.len(), "ready");
+    notify::notify(&format!(
+        "READY=1\nSTATUS=forwarding {} service(s) on {}",
+        services.len(),
+        settings.ifaces.join(", ")
+    ));
 
     // Health checks: one task per checked backend, results come back on one channel.
     let (health_tx, mut health_rx) = tokio::sync::mpsc::channel::<health::Probe>(1024);
@@ -157,6 +162,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
     }
 
     info!("stopping");
+    notify::notify("STOPPING=1\nSTATUS=writing the records of open flows");
     dp.detach_all()?;
     // Records the program pushed before it was detached come first.
     drain(ring.get_mut(), &mut audit, &names);

@@ -8,6 +8,7 @@
 //! - [`dataplane`]: loading the eBPF object, writing its maps, reading flows and records;
 //! - [`health`]: active TCP/UDP/HTTP checks with rise/fall;
 //! - [`neighbors`]: keeping backends' link-layer addresses resolved for the XDP FIB lookup;
+//! - [`notify`]: the systemd readiness protocol;
 //! - [`daemon`]: the run loop tying kernel records to the audit log;
 //! - [`journal`]: writing the audit log under the failure policy (fail-open / fail-closed);
 //! - [`audit`]: the binary, tamper-evident log and its reader.
@@ -20,3 +21,4 @@ pub mod dataplane;
 pub mod health;
 pub mod journal;
 pub mod neighbors;
+pub mod notify;

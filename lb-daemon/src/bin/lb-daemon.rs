@@ -4,15 +4,20 @@ use lb_daemon::{config::Args, daemon};
 use tokio::signal::unix::{SignalKind, signal};
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    let settings = match Args::parse().into_settings() {
+        .with_env_filter(filter);
+    if args.log_format == "json" {
+        logs.json().init();
+    } else {
+        // journald adds its own timestamps; a terminal gets colours.
+        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
+    let settings = match args.into_settings() {
         Ok(s) => s,
         Err(e) => {
             eprintln!("lb-daemon: {e:#}");
