@@ -63,6 +63,10 @@ pub struct Args {
     #[arg(long = "snat-ports", value_name = "LO-HI", value_parser = parse_port_range)]
     pub snat_ports: Option<(u16, u16)>,
 
+    /// Serve Prometheus metrics on this address (`GET /metrics`), e.g. 127.0.0.1:9650.
+    #[arg(long = "metrics-addr", value_name = "ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+
     /// The control socket `lbctl` talks to (mode 0660).
     #[arg(long = "control-socket", value_name = "PATH", default_value = crate::control::DEFAULT_SOCKET)]
     pub control_socket: PathBuf,
@@ -258,6 +262,7 @@ pub struct Settings {
     pub audit: AuditSettings,
     pub control_socket: PathBuf,
     pub roles: Vec<crate::control::RoleGrant>,
+    pub metrics_addr: Option<SocketAddr>,
     #[serde(serialize_with = "as_secs")]
     pub tcp_idle_timeout: Duration,
     #[serde(serialize_with = "as_secs")]
@@ -495,6 +500,7 @@ impl Args {
             snat_ports,
             audit_dir: self.audit_dir,
             control_socket: self.control_socket,
+            metrics_addr: self.metrics_addr,
             roles: self.roles,
             audit: AuditSettings {
                 fsync: self.audit_fsync,

@@ -25,7 +25,7 @@ use crate::{
     dataplane::{self, Dataplane, FlowPair, socket_addr},
     health,
     journal::Journal,
-    neighbors, notify,
+    metrics, neighbors, notify,
 };
 
 /// How often flows are swept and backends' neighbour entries refreshed.
@@ -115,6 +115,13 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
 
     let (calls_tx, mut calls_rx) = tokio::sync::mpsc::channel::<control::Call>(64);
     control::serve(&settings.control_socket, settings.roles.clone(), calls_tx)?;
+    let (scrape_tx, mut scrape_rx) =
+        tokio::sync::mpsc::channel::<tokio::sync::oneshot::Sender<String>>(8);
+    if let Some(addr) = settings.metrics_addr {
+        metrics::serve(addr, scrape_tx).await?;
+    } else {
+        drop(scrape_tx);
+    }
     let mut control_state = ControlState {
         generation: 1,
         drained_reported: Vec::new(),
@@ -147,6 +154,9 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
                 audit.apply(&mut dp)?;
             }
             _ = neigh.tick() => refresh_neighbors(backend_ips.clone()).await,
+            Some(reply) = scrape_rx.recv() => {
+                let _ = reply.send(scrape(&mut dp, &services, &health_state, &names, &audit)?);
+            }
             Some(call) = calls_rx.recv() => {
                 let response = handle_call(&call, &mut services, &health_state, &mut dp, &mut audit, &settings, &mut control_state)?;
                 let _ = call.reply.send(response);
@@ -211,6 +221,80 @@ fn check_forwarding(services: &[PlacedService]) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Renders the metrics from the run loop's state and the kernel's maps.
+fn scrape(
+    dp: &mut Dataplane,
+    services: &[PlacedService],
+    health: &HashMap<(u32, std::net::SocketAddr), health::State>,
+    names: &Names,
+    audit: &Journal,
+) -> anyhow::Result<String> {
+    let svc_name = |id: u32| {
+        names
+            .services
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| format!("#{id}"))
+    };
+    let active = dp
+        .flows()?
+        .into_iter()
+        .filter(|p| p.fwd.state & flow_state::CLOSED == 0)
+        .map(|p| {
+            let be = socket_addr(p.fwd.nat_dst, p.key.af, p.fwd.nat_dport).to_string();
+            let r = p.rev.unwrap_or_default();
+            (
+                svc_name(p.fwd.service_id),
+                be,
+                [p.fwd.bytes, r.bytes, p.fwd.packets, r.packets],
+            )
+        })
+        .collect();
+    let stats = dp.stats()?;
+    let rule_count = services.iter().map(|s| s.rules.len()).sum::<usize>() as u32;
+    let hits = dp.rule_hits(rule_count)?;
+    let log_bytes = std::fs::read_dir(audit.dir())
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0);
+    let snapshot = metrics::Snapshot {
+        totals: &audit.totals,
+        active,
+        backends: services
+            .iter()
+            .flat_map(|s| {
+                s.backends.iter().map(move |b| {
+                    let up = health.get(&(s.id, b.addr)).is_none_or(|h| !h.down);
+                    (s.spec.name.clone(), b.addr.to_string(), up, b.drained)
+                })
+            })
+            .collect(),
+        generations: services
+            .iter()
+            .map(|s| (s.spec.name.clone(), s.generation))
+            .collect(),
+        counters: lb_common::stat::NAMES.iter().copied().zip(stats).collect(),
+        rules: services
+            .iter()
+            .flat_map(|s| {
+                s.rules.iter().map(|r| {
+                    (
+                        format!("{} {}", s.spec.name, r.describe()),
+                        hits.get(r.id as usize).copied().unwrap_or(0),
+                    )
+                })
+            })
+            .collect(),
+        log_bytes,
+        audit_failing: audit.failing(),
+    };
+    Ok(metrics::render(&snapshot))
 }
 
 /// What the control plane keeps between requests.

@@ -52,6 +52,8 @@ pub struct Journal {
     last_appended: u64,
     failure: Option<Failure>,
     refusing: bool,
+    /// What was recorded, for the metrics.
+    pub totals: crate::metrics::Totals,
 }
 
 impl Journal {
@@ -69,11 +71,13 @@ impl Journal {
             last_appended: 0,
             failure: None,
             refusing: false,
+            totals: Default::default(),
         })
     }
 
     /// Records an event; a failure to write switches to the failure policy.
     pub fn record(&mut self, time: SystemTime, event: Event) {
+        self.totals.observe(&event);
         let Some(w) = &mut self.writer else {
             if let Some(f) = &mut self.failure {
                 f.dropped += 1;
@@ -128,6 +132,7 @@ impl Journal {
             since_ns: ns(f.since),
             until_ns: ns(now),
         });
+        self.totals.observe(&loss);
         match w.append(now, loss).and_then(|seq| w.sync().map(|()| seq)) {
             Ok(seq) => {
                 info!(lost, error = %f.error, "the audit log can be written again");
@@ -139,6 +144,16 @@ impl Journal {
                 // Still failing: the partial record is cut off at the next try.
             }
         }
+    }
+
+    /// Whether the log cannot be written at the moment.
+    pub fn failing(&self) -> bool {
+        self.failure.is_some()
+    }
+
+    /// The log directory.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
     }
 
     /// Whether a change must be refused because it could not be recorded (fail-closed with a

@@ -7,6 +7,7 @@
 //! - [`control`]: the control socket: caller identity (SO_PEERCRED), roles, requests;
 //! - [`dataplane`]: loading the eBPF object, writing its maps, reading flows and records;
 //! - [`health`]: active TCP/UDP/HTTP checks with rise/fall;
+//! - [`metrics`]: the Prometheus endpoint;
 //! - [`neighbors`]: keeping backends' link-layer addresses resolved for the XDP FIB lookup;
 //! - [`notify`]: the systemd readiness protocol;
 //! - [`daemon`]: the run loop tying kernel records to the audit log;
@@ -20,5 +21,6 @@ pub mod daemon;
 pub mod dataplane;
 pub mod health;
 pub mod journal;
+pub mod metrics;
 pub mod neighbors;
 pub mod notify;

@@ -85,6 +85,7 @@ fn load(services: Vec<ServiceSpec>, snat_ports: (u16, u16), conntrack: u32) -> D
         audit_dir: "/nonexistent".into(),
         audit: Default::default(),
         control_socket: "/nonexistent".into(),
+        metrics_addr: None,
         roles: vec![],
         tcp_idle_timeout: Duration::from_secs(300),
         udp_idle_timeout: Duration::from_secs(30),
