@@ -63,6 +63,11 @@ pub struct Args {
     #[arg(long = "snat-ports", value_name = "LO-HI", value_parser = parse_port_range)]
     pub snat_ports: Option<(u16, u16)>,
 
+    /// Ship every audit record to a collector (repeatable): `tcp://HOST:PORT` (JSON lines) or
+    /// `syslog+tcp://HOST:PORT` (RFC 5424), at least once, resuming after outages and restarts.
+    #[arg(long = "export", value_name = "TARGET", value_parser = clap::value_parser!(crate::export::Target))]
+    pub export: Vec<crate::export::Target>,
+
     /// Serve Prometheus metrics on this address (`GET /metrics`), e.g. 127.0.0.1:9650.
     #[arg(long = "metrics-addr", value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
@@ -263,6 +268,7 @@ pub struct Settings {
     pub control_socket: PathBuf,
     pub roles: Vec<crate::control::RoleGrant>,
     pub metrics_addr: Option<SocketAddr>,
+    pub export: Vec<crate::export::Target>,
     #[serde(serialize_with = "as_secs")]
     pub tcp_idle_timeout: Duration,
     #[serde(serialize_with = "as_secs")]
@@ -501,6 +507,7 @@ impl Args {
             audit_dir: self.audit_dir,
             control_socket: self.control_socket,
             metrics_addr: self.metrics_addr,
+            export: self.export,
             roles: self.roles,
             audit: AuditSettings {
                 fsync: self.audit_fsync,

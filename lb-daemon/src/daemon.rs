@@ -23,7 +23,7 @@ use crate::{
     config::Settings,
     control,
     dataplane::{self, Dataplane, FlowPair, socket_addr},
-    health,
+    export, health,
     journal::Journal,
     metrics, neighbors, notify,
 };
@@ -115,6 +115,12 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
 
     let (calls_tx, mut calls_rx) = tokio::sync::mpsc::channel::<control::Call>(64);
     control::serve(&settings.control_socket, settings.roles.clone(), calls_tx)?;
+    let export_stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let exporters: Vec<_> = settings
+        .export
+        .iter()
+        .map(|t| export::spawn(settings.audit_dir.clone(), t.clone(), export_stop.clone()))
+        .collect();
     let (scrape_tx, mut scrape_rx) =
         tokio::sync::mpsc::channel::<tokio::sync::oneshot::Sender<String>>(8);
     if let Some(addr) = settings.metrics_addr {
@@ -194,6 +200,11 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
         }),
     );
     audit.close()?;
+    // The exporters send what is in the log, then stop.
+    export_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for e in exporters {
+        let _ = e.join();
+    }
     info!(closed_at_shutdown = closed, "stopped");
     Ok(())
 }

@@ -6,6 +6,7 @@
 //! - [`balancer`]: service/backend placement and the weighted Maglev table;
 //! - [`control`]: the control socket: caller identity (SO_PEERCRED), roles, requests;
 //! - [`dataplane`]: loading the eBPF object, writing its maps, reading flows and records;
+//! - [`export`]: shipping the audit log to a collector, at least once;
 //! - [`health`]: active TCP/UDP/HTTP checks with rise/fall;
 //! - [`metrics`]: the Prometheus endpoint;
 //! - [`neighbors`]: keeping backends' link-layer addresses resolved for the XDP FIB lookup;
@@ -19,6 +20,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
+pub mod export;
 pub mod health;
 pub mod journal;
 pub mod metrics;

@@ -101,6 +101,7 @@ fn settings(services: Vec<ServiceSpec>, maglev: u32) -> Settings {
         audit: Default::default(),
         control_socket: "/nonexistent".into(),
         metrics_addr: None,
+        export: vec![],
         roles: vec![],
         tcp_idle_timeout: Duration::from_secs(300),
         udp_idle_timeout: Duration::from_secs(30),
