@@ -63,6 +63,22 @@ pub struct Args {
     #[arg(long = "snat-ports", value_name = "LO-HI", value_parser = parse_port_range)]
     pub snat_ports: Option<(u16, u16)>,
 
+    /// Alert when one source is refused N times within DURATION, e.g. 20/1m.
+    #[arg(long = "alert-denied", value_name = "N/DURATION", value_parser = clap::value_parser!(crate::alerts::Threshold))]
+    pub alert_denied: Option<crate::alerts::Threshold>,
+
+    /// Alert when one source opens N flows within DURATION, e.g. 500/10s.
+    #[arg(long = "alert-burst", value_name = "N/DURATION", value_parser = clap::value_parser!(crate::alerts::Threshold))]
+    pub alert_burst: Option<crate::alerts::Threshold>,
+
+    /// Alert on flows opened outside these local hours, e.g. 08:00-19:00 (time zone: TZ).
+    #[arg(long = "alert-outside-hours", value_name = "HH:MM-HH:MM", value_parser = clap::value_parser!(crate::alerts::Hours))]
+    pub alert_outside_hours: Option<crate::alerts::Hours>,
+
+    /// Run this shell command for each alert, with the alert as JSON on its stdin.
+    #[arg(long = "alert-exec", value_name = "CMD")]
+    pub alert_exec: Option<String>,
+
     /// Ship every audit record to a collector (repeatable): `tcp://HOST:PORT` (JSON lines) or
     /// `syslog+tcp://HOST:PORT` (RFC 5424), at least once, resuming after outages and restarts.
     #[arg(long = "export", value_name = "TARGET", value_parser = clap::value_parser!(crate::export::Target))]
@@ -269,6 +285,7 @@ pub struct Settings {
     pub roles: Vec<crate::control::RoleGrant>,
     pub metrics_addr: Option<SocketAddr>,
     pub export: Vec<crate::export::Target>,
+    pub alerts: crate::alerts::Rules,
     #[serde(serialize_with = "as_secs")]
     pub tcp_idle_timeout: Duration,
     #[serde(serialize_with = "as_secs")]
@@ -508,6 +525,12 @@ impl Args {
             control_socket: self.control_socket,
             metrics_addr: self.metrics_addr,
             export: self.export,
+            alerts: crate::alerts::Rules {
+                denied: self.alert_denied,
+                burst: self.alert_burst,
+                outside_hours: self.alert_outside_hours,
+                exec: self.alert_exec,
+            },
             roles: self.roles,
             audit: AuditSettings {
                 fsync: self.audit_fsync,

@@ -53,13 +53,18 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
         checkpoint_interval: settings.audit.checkpoint_interval,
         seal_key,
     };
-    let mut audit = Journal::open(settings.audit_dir.clone(), opts, settings.audit.on_failure)
-        .with_context(|| {
-            format!(
-                "--audit-dir {}: cannot open the audit log",
-                settings.audit_dir.display()
-            )
-        })?;
+    let mut audit = Journal::open(
+        settings.audit_dir.clone(),
+        opts,
+        settings.audit.on_failure,
+        settings.alerts.clone(),
+    )
+    .with_context(|| {
+        format!(
+            "--audit-dir {}: cannot open the audit log",
+            settings.audit_dir.display()
+        )
+    })?;
     let mut services = balancer::place(&settings)?;
     let names = Names::new(&services);
     check_forwarding(&services)?;

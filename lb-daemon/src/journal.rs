@@ -54,6 +54,7 @@ pub struct Journal {
     refusing: bool,
     /// What was recorded, for the metrics.
     pub totals: crate::metrics::Totals,
+    alerts: crate::alerts::Engine,
 }
 
 impl Journal {
@@ -61,6 +62,7 @@ impl Journal {
         dir: PathBuf,
         opts: audit::Options,
         policy: FailurePolicy,
+        alert_rules: crate::alerts::Rules,
     ) -> anyhow::Result<Journal> {
         let writer = AuditWriter::open_with(&dir, opts.clone())?;
         Ok(Journal {
@@ -72,12 +74,18 @@ impl Journal {
             failure: None,
             refusing: false,
             totals: Default::default(),
+            alerts: crate::alerts::Engine::new(alert_rules),
         })
     }
 
     /// Records an event; a failure to write switches to the failure policy.
     pub fn record(&mut self, time: SystemTime, event: Event) {
         self.totals.observe(&event);
+        let ns = time
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0);
+        self.alerts.observe(ns, &event);
         let Some(w) = &mut self.writer else {
             if let Some(f) = &mut self.failure {
                 f.dropped += 1;
@@ -90,8 +98,26 @@ impl Journal {
         }
     }
 
-    /// Makes written records durable (as the fsync policy says).
+    /// Makes written records durable (as the fsync policy says), after turning the alerts the
+    /// records since the last sync raised into `alert` records, log lines and `--alert-exec`.
     pub fn sync(&mut self) {
+        for alert in self.alerts.take() {
+            tracing::warn!(rule = %alert.rule, source = ?alert.source, "alert: {}", alert.message);
+            if let Some(cmd) = self.alerts.rules.exec.clone() {
+                let now = SystemTime::now();
+                let ns = now
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as i64)
+                    .unwrap_or(0);
+                let json = audit::record_to_json(&audit::Record {
+                    seq: 0,
+                    time_ns: ns,
+                    event: Event::Alert(alert.clone()),
+                });
+                crate::alerts::exec(&cmd, &json);
+            }
+            self.record(SystemTime::now(), Event::Alert(alert));
+        }
         if let Some(w) = &mut self.writer
             && let Err(e) = w.sync()
         {

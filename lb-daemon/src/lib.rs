@@ -13,7 +13,9 @@
 //! - [`notify`]: the systemd readiness protocol;
 //! - [`daemon`]: the run loop tying kernel records to the audit log;
 //! - [`journal`]: writing the audit log under the failure policy (fail-open / fail-closed);
+//! - [`alerts`]: monitoring rules on the live record stream;
 //! - [`audit`]: the binary, tamper-evident log and its reader.
+pub mod alerts;
 pub mod audit;
 pub mod balancer;
 pub mod config;

@@ -87,6 +87,7 @@ fn load(services: Vec<ServiceSpec>, snat_ports: (u16, u16), conntrack: u32) -> D
         control_socket: "/nonexistent".into(),
         metrics_addr: None,
         export: vec![],
+        alerts: Default::default(),
         roles: vec![],
         tcp_idle_timeout: Duration::from_secs(300),
         udp_idle_timeout: Duration::from_secs(30),

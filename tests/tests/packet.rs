@@ -102,6 +102,7 @@ fn settings(services: Vec<ServiceSpec>, maglev: u32) -> Settings {
         control_socket: "/nonexistent".into(),
         metrics_addr: None,
         export: vec![],
+        alerts: Default::default(),
         roles: vec![],
         tcp_idle_timeout: Duration::from_secs(300),
         udp_idle_timeout: Duration::from_secs(30),
