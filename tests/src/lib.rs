@@ -9,12 +9,14 @@
 //! - [`daemon`]: `lb-daemon` as a child process in a namespace: readiness, SIGTERM, stderr;
 //! - [`echo`]: TCP echo servers in the backends and the matching client exchange;
 //! - [`audit`]: the decoded audit log (`lb-audit read DIR --format json`) and temporary dirs;
-//! - [`packet`]: crafting and checking frames for the BPF_PROG_TEST_RUN packet tests.
+//! - [`packet`]: crafting and checking frames for the BPF_PROG_TEST_RUN packet tests;
+//! - [`bench`]: servers, load generators and peer balancers of the peers benchmark.
 //!
 //! Everything that creates something removes it in `Drop`, so a failing assertion (a panic)
 //! still leaves no namespace or process behind. Tests that need root call [`require_root`]
 //! first and return when it says no.
 pub mod audit;
+pub mod bench;
 pub mod daemon;
 pub mod echo;
 pub mod netns;

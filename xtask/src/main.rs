@@ -4,7 +4,9 @@
 //!   the system tools the tests use (ip, ethtool); idempotent;
 //! - `build [--release]`: setup, then every binary (the eBPF object is embedded in lb-daemon);
 //! - `test [-- ARGS]`: setup, build, then every test, the root-only namespace tests included;
-//! - `bench [-- ARGS]`: setup, then the data-plane benchmark;
+//! - `bench [--dataplane] [--peers] [--quick] [-- ARGS]`: setup, then the data-plane benchmark
+//!   and the peers benchmark (lb against kernel DNAT, HAProxy and nginx stream on one
+//!   namespace topology); both without a flag;
 //! - `demo`: setup, build, a client → balancer → two backends topology in network namespaces,
 //!   the daemon, some TCP traffic, the decoded audit log; everything removed afterwards.
 mod demo;
@@ -33,7 +35,12 @@ struct Cli {
 enum Cmd {
     /// Install what building and testing need, when missing: nightly + rust-src, bpf-linker
     /// matching the nightly's LLVM, ip and ethtool.
-    Setup,
+    Setup {
+        /// Also the peers of the benchmark (Debian packages nftables, haproxy, nginx-light,
+        /// libnginx-mod-stream), when missing.
+        #[arg(long)]
+        bench_tools: bool,
+    },
     /// Setup, then build every binary (lb-daemon with its XDP program, lbctl, lb-audit).
     Build {
         #[arg(long)]
@@ -48,13 +55,22 @@ enum Cmd {
     /// Setup, build, and show lb at work on a topology of network namespaces: TCP connections
     /// through the balancer, then the decoded audit log. Needs root; cleans up after itself.
     Demo,
-    /// Setup, then the data-plane benchmark (per-packet cost of the XDP program with
-    /// BPF_PROG_TEST_RUN; needs root). Arguments after `--` go to the benchmark
-    /// (e.g. `-- --repeat 100000`).
+    /// Setup, then the benchmarks (need root): the data-plane benchmark (per-packet cost of the
+    /// XDP program with BPF_PROG_TEST_RUN) and the peers benchmark (lb against kernel DNAT,
+    /// HAProxy and nginx stream on one namespace topology, in one run; installs the peers
+    /// when missing and builds the release binaries). Both when neither flag is given.
+    /// Arguments after `--` go to each benchmark (e.g. `-- --repeat 100000`, `-- --rounds 7`).
     Bench {
-        /// The data-plane benchmark (the only one so far, and the default).
+        /// The data-plane benchmark.
         #[arg(long)]
         dataplane: bool,
+        /// The peers benchmark.
+        #[arg(long)]
+        peers: bool,
+        /// Shorter runs: the peers benchmark in under two minutes, the data-plane benchmark
+        /// with 200,000 repetitions per row.
+        #[arg(long)]
+        quick: bool,
         #[arg(last = true)]
         args: Vec<String>,
     },
@@ -129,19 +145,65 @@ fn test(args: &[String]) -> Result<()> {
     result.context("tests failed")
 }
 
-fn bench(args: &[String]) -> Result<()> {
+fn bench(dataplane: bool, peers: bool, quick: bool, args: &[String]) -> Result<()> {
+    let (dataplane, peers) = if dataplane || peers {
+        (dataplane, peers)
+    } else {
+        (true, true)
+    };
     setup::setup()?;
-    let mut c = cargo();
-    c.args([
-        "bench",
-        "--package",
-        "lb-tests",
-        "--bench",
-        "dataplane",
-        "--",
-    ])
-    .args(args);
-    run(&mut c)
+    if peers {
+        setup::bench_tools()?;
+    }
+    // Ctrl-C reaches the benchmark too (same process group): it stops what it started and
+    // deletes its namespaces. Wait for it instead of dying first.
+    ctrlc::set_handler(|| {
+        eprintln!("\nxtask: interrupted; waiting for the benchmark to clean up");
+    })
+    .context("installing the Ctrl-C handler")?;
+    let mut failed = Vec::new();
+    if dataplane {
+        let mut c = cargo();
+        c.args([
+            "bench",
+            "--package",
+            "lb-tests",
+            "--bench",
+            "dataplane",
+            "--",
+        ]);
+        if quick && !args.iter().any(|a| a == "--repeat") {
+            c.args(["--repeat", "200000"]);
+        }
+        c.args(args);
+        if let Err(e) = run(&mut c) {
+            failed.push(format!("data-plane benchmark: {e:#}"));
+        }
+    }
+    if peers {
+        // The daemon under test as users run it: the release build.
+        build(true)?;
+        let mut c = cargo();
+        c.args(["bench", "--package", "lb-tests", "--bench", "peers", "--"]);
+        if quick {
+            c.arg("--quick");
+        }
+        c.args(args).env("LB_BIN_DIR", target_dir().join("release"));
+        if let Err(e) = run(&mut c) {
+            failed.push(format!("peers benchmark: {e:#}"));
+        }
+        let stale = lb_tests::netns::remove_stale_namespaces();
+        if !stale.is_empty() {
+            println!(
+                "removed namespaces left by an interrupted benchmark: {}",
+                stale.join(", ")
+            );
+        }
+    }
+    if !failed.is_empty() {
+        bail!("{}", failed.join("; "));
+    }
+    Ok(())
 }
 
 /// The cargo target directory.
@@ -154,11 +216,22 @@ pub fn target_dir() -> PathBuf {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
-        Cmd::Setup => setup::setup(),
+        Cmd::Setup { bench_tools } => setup::setup().and_then(|()| {
+            if bench_tools {
+                setup::bench_tools()
+            } else {
+                Ok(())
+            }
+        }),
         Cmd::Build { release } => setup::setup().and_then(|()| build(release)),
         Cmd::Test { args } => test(&args),
         Cmd::Demo => demo::demo(),
-        Cmd::Bench { dataplane: _, args } => bench(&args),
+        Cmd::Bench {
+            dataplane,
+            peers,
+            quick,
+            args,
+        } => bench(dataplane, peers, quick, &args),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,7 +6,10 @@
 //!    linked against the nightly toolchain's own `libLLVM.so` (about a minute); recipe (b), if
 //!    (a) fails: bpf-linker 0.10.4 with its bundled LLVM (several minutes);
 //! 3. the system tools the namespace tests use: `ip` (iproute2) and `ethtool`, installed with
-//!    apt-get when running as root.
+//!    apt-get when running as root;
+//! 4. only with `--bench-tools` (and for `cargo xtask bench --peers`): the peers the benchmark
+//!    compares lb with, from Debian packages: nftables, haproxy, nginx-light,
+//!    libnginx-mod-stream ([`bench_tools`]).
 //!
 //! Each step prints `ok` when already satisfied, what it did otherwise, and on failure what to
 //! do by hand.
@@ -325,6 +328,91 @@ fn system_tools() -> Result<()> {
             None => bail!("{pkg} was installed but `{bin}` is still not found"),
         }
     }
+    Ok(())
+}
+
+/// What the peers benchmark compares lb with, as (what must exist, Debian package): a program
+/// on PATH, or an absolute path for a file a package installs.
+pub const BENCH_TOOLS: [(&str, &str); 4] = [
+    ("nft", "nftables"),
+    ("haproxy", "haproxy"),
+    ("nginx", "nginx-light"),
+    (lb_tests::bench::peers::NGINX_STREAM, "libnginx-mod-stream"),
+];
+
+/// `cargo xtask setup --bench-tools` and `cargo xtask bench --peers`: installs the peers of the
+/// benchmark from Debian packages when missing (kernel DNAT with nftables, HAProxy, nginx with
+/// its stream module). Their services are not started: the benchmark runs them itself, inside
+/// its namespaces.
+pub fn bench_tools() -> Result<()> {
+    let present = |what: &str| {
+        if what.starts_with('/') {
+            std::path::Path::new(what).is_file()
+        } else {
+            which(what).is_some()
+        }
+    };
+    let mut missing = Vec::new();
+    for (what, pkg) in BENCH_TOOLS {
+        if present(what) {
+            ok(&format!("{what} ({pkg})"), "");
+        } else {
+            missing.push(pkg);
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let by_hand = format!(
+        "install them with `apt-get install -y {}` (as root)",
+        missing.join(" ")
+    );
+    if !lb_tests::is_root() || which("apt-get").is_none() {
+        bail!("missing {}: {by_hand}", missing.join(", "));
+    }
+    step(&format!(
+        "installing {} (the benchmark's peers)",
+        missing.join(" ")
+    ));
+    // Debian starts a package's service on install unless policy-rc.d says no: the benchmark
+    // runs nginx and HAProxy itself, in its namespaces, so keep them from starting on the host.
+    let policy = std::path::Path::new("/usr/sbin/policy-rc.d");
+    let ours = !policy.exists();
+    if ours {
+        println!(
+            "setup: writing {} (exit 101: no service starts during the install)",
+            policy.display()
+        );
+        std::fs::write(
+            policy,
+            "#!/bin/sh\n# written by cargo xtask for the duration of an install\nexit 101\n",
+        )
+        .and_then(|()| {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(policy, std::fs::Permissions::from_mode(0o755))
+        })
+        .with_context(|| format!("writing {}", policy.display()))?;
+    }
+    let result = (|| -> Result<()> {
+        run(Command::new("apt-get").arg("update"))
+            .with_context(|| format!("apt-get update failed; {by_hand}"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+        .with_context(|| format!("apt-get install failed; {by_hand}"))
+    })();
+    if ours {
+        let _ = std::fs::remove_file(policy);
+        println!("setup: removed {}", policy.display());
+    }
+    result?;
+    for (what, pkg) in BENCH_TOOLS {
+        if !present(what) {
+            bail!("{pkg} was installed but {what} is still not found");
+        }
+    }
+    println!("setup: installed {}", missing.join(" "));
     Ok(())
 }
 

@@ -1,0 +1,544 @@
+//! The backends' servers and the load generators of the peers benchmark.
+//!
+//! Protocol on TCP: the client's first byte chooses the exchange.
+//! - `R` (request/reply): the client sends [`REQUEST`] bytes, the server answers [`REPLY`]
+//!   bytes and closes first; the client reads the reply and the server's FIN, then closes;
+//! - `B` (bulk): the client streams bytes and half-closes; the server counts them until EOF
+//!   and answers with the count (8 bytes, little endian).
+//!
+//! On UDP the backends only count what arrives (and from whom).
+//!
+//! Every loop here is bounded twice: by a count and by a deadline; every socket operation has
+//! a timeout. Nothing here sends to an address outside the namespaces it is given.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    io::{ErrorKind, Read, Write},
+    net::{Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
+    sync::{
+        Arc, Barrier, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+
+use crate::netns::{in_netns, spawn_in_netns};
+
+/// Bytes of a request (its first byte is the mode).
+pub const REQUEST: usize = 64;
+/// Bytes of a reply.
+pub const REPLY: usize = 64;
+const MODE_RR: u8 = b'R';
+const MODE_BULK: u8 = b'B';
+/// How long a server waits on one connection before giving it up.
+const SERVER_IO: Duration = Duration::from_secs(5);
+
+/// The TCP and UDP servers of one backend namespace: `workers` threads accepting on one TCP
+/// listener (each serves its connection to the end before accepting the next), one thread
+/// draining a UDP socket. Stopped on drop.
+pub struct Backend {
+    stop: Arc<AtomicBool>,
+    accepted: Arc<AtomicU64>,
+    udp_peers: Arc<Mutex<HashSet<SocketAddr>>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Backend {
+    /// Listens on `tcp` and `udp` inside namespace `ns`.
+    pub fn start(ns: &str, tcp: SocketAddr, udp: SocketAddr, workers: usize) -> Result<Backend> {
+        let (listener, usock) = in_netns(ns, || -> Result<(TcpListener, UdpSocket)> {
+            let l = TcpListener::bind(tcp).with_context(|| format!("binding {tcp}"))?;
+            // SAFETY: listen(2) again on a listening socket only changes its backlog.
+            unsafe { libc::listen(l.as_raw_fd(), 4096) };
+            l.set_nonblocking(true)?;
+            let u = UdpSocket::bind(udp).with_context(|| format!("binding udp {udp}"))?;
+            set_int_opt(&u, libc::SO_RCVBUFFORCE, 8 << 20);
+            u.set_read_timeout(Some(Duration::from_millis(100)))?;
+            Ok((l, u))
+        })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicU64::new(0));
+        let udp_peers = Arc::new(Mutex::new(HashSet::new()));
+        let mut threads = Vec::new();
+        for _ in 0..workers.max(1) {
+            let l = listener.try_clone()?;
+            let (stop, accepted) = (stop.clone(), accepted.clone());
+            threads.push(std::thread::spawn(move || tcp_worker(l, &stop, &accepted)));
+        }
+        {
+            let (stop, peers) = (stop.clone(), udp_peers.clone());
+            threads.push(std::thread::spawn(move || udp_sink(usock, &stop, &peers)));
+        }
+        Ok(Backend {
+            stop,
+            accepted,
+            udp_peers,
+            threads,
+        })
+    }
+
+    /// TCP connections accepted since the start.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Forgets the UDP sources seen so far.
+    pub fn clear_udp_peers(&self) {
+        self.udp_peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    /// Distinct UDP sources (address and port) seen since the last [`Backend::clear_udp_peers`].
+    pub fn udp_peers(&self) -> usize {
+        self.udp_peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn set_int_opt(s: &impl AsRawFd, opt: libc::c_int, v: libc::c_int) {
+    // SAFETY: setsockopt with a valid fd and a pointer to an int of the right size.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+fn tcp_worker(l: TcpListener, stop: &AtomicBool, accepted: &AtomicU64) {
+    let mut buf = vec![0u8; 256 * 1024];
+    while !stop.load(Ordering::Relaxed) {
+        let mut p = libc::pollfd {
+            fd: l.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut p, 1, 100) };
+        // A bounded burst of accepts, then look at the stop flag again.
+        for _ in 0..1024 {
+            match l.accept() {
+                Ok((s, _)) => {
+                    accepted.fetch_add(1, Ordering::Relaxed);
+                    let _ = serve(s, &mut buf);
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+fn serve(mut s: TcpStream, buf: &mut [u8]) -> std::io::Result<()> {
+    s.set_nonblocking(false)?;
+    s.set_read_timeout(Some(SERVER_IO))?;
+    s.set_write_timeout(Some(SERVER_IO))?;
+    s.set_nodelay(true)?;
+    let mut mode = [0u8; 1];
+    s.read_exact(&mut mode)?;
+    match mode[0] {
+        MODE_RR => {
+            s.read_exact(&mut buf[..REQUEST - 1])?;
+            buf[..REPLY].fill(b'r');
+            s.write_all(&buf[..REPLY])?;
+            // Dropping closes: the server sends its FIN first.
+        }
+        MODE_BULK => {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let mut total = 1u64;
+            loop {
+                match s.read(buf) {
+                    Ok(0) => break,
+                    Ok(n) => total += n as u64,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+                if Instant::now() > deadline {
+                    return Err(ErrorKind::TimedOut.into());
+                }
+            }
+            s.write_all(&total.to_le_bytes())?;
+            s.shutdown(Shutdown::Write)?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn udp_sink(u: UdpSocket, stop: &AtomicBool, peers: &Mutex<HashSet<SocketAddr>>) {
+    const BATCH: usize = 64;
+    let mut bufs = vec![[0u8; 2048]; BATCH];
+    let mut addrs: Vec<libc::sockaddr_in> = vec![unsafe { std::mem::zeroed() }; BATCH];
+    let mut last: Option<SocketAddr> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let mut iovs: Vec<libc::iovec> = bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            })
+            .collect();
+        // SAFETY: zeroed mmsghdr is a valid empty header.
+        let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; BATCH];
+        for i in 0..BATCH {
+            msgs[i].msg_hdr.msg_iov = &mut iovs[i];
+            msgs[i].msg_hdr.msg_iovlen = 1;
+            msgs[i].msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_in).cast();
+            msgs[i].msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+        }
+        // SAFETY: msgs point to live buffers and addresses of the stated sizes; the socket has
+        // a 100 ms receive timeout, so this returns at least that often.
+        let n = unsafe {
+            libc::recvmmsg(
+                u.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                BATCH as u32,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
+        };
+        if n <= 0 {
+            continue;
+        }
+        for a in &addrs[..n as usize] {
+            let peer = SocketAddr::V4(SocketAddrV4::new(
+                u32::from_be(a.sin_addr.s_addr).into(),
+                u16::from_be(a.sin_port),
+            ));
+            if last != Some(peer) {
+                peers.lock().unwrap_or_else(|p| p.into_inner()).insert(peer);
+                last = Some(peer);
+            }
+        }
+    }
+}
+
+/// Short TCP connections: connect, request, reply, close.
+#[derive(Clone, Debug)]
+pub struct ConnSpec {
+    /// Connections go to these in turn.
+    pub targets: Vec<SocketAddr>,
+    pub threads: usize,
+    /// At most this many connections in all.
+    pub max_conns: u64,
+    /// At most this long.
+    pub duration: Duration,
+    /// Offered load in connections per second (open loop, paced per thread); `None`: as fast
+    /// as each thread can go (closed loop, one connection at a time per thread).
+    pub rate: Option<f64>,
+    /// Bound on connect and on each read or write.
+    pub timeout: Duration,
+}
+
+/// What a [`run_conns`] did.
+#[derive(Clone, Debug, Default)]
+pub struct ConnStats {
+    pub ok: u64,
+    pub failed: u64,
+    pub elapsed: Duration,
+    /// Per successful connection, µs from the start of connect to the whole reply read
+    /// (connection setup and the first exchange through the balancer), sorted.
+    pub setup_us: Vec<u32>,
+    /// Per successful connection, µs that connect() took (for a proxy: until it accepted),
+    /// sorted.
+    pub connect_us: Vec<u32>,
+    /// Failures by what failed.
+    pub errors: BTreeMap<String, u64>,
+}
+
+impl ConnStats {
+    pub fn rate(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+struct ThreadConns {
+    ok: u64,
+    failed: u64,
+    setup_us: Vec<u32>,
+    connect_us: Vec<u32>,
+    errors: BTreeMap<String, u64>,
+}
+
+/// Runs short connections from namespace `ns` as `spec` says; returns when every thread has
+/// reached its count or the deadline.
+pub fn run_conns(ns: &str, spec: &ConnSpec) -> Result<ConnStats> {
+    if spec.targets.is_empty() || spec.threads == 0 {
+        bail!("no targets or no threads");
+    }
+    let barrier = Arc::new(Barrier::new(spec.threads + 1));
+    let mut handles = Vec::new();
+    for k in 0..spec.threads {
+        let spec = spec.clone();
+        let barrier = barrier.clone();
+        handles.push(spawn_in_netns(ns, move || {
+            barrier.wait();
+            Ok(conn_thread(&spec, k))
+        }));
+    }
+    barrier.wait();
+    let t0 = Instant::now();
+    let mut all = ConnStats::default();
+    for h in handles {
+        let r = h
+            .join()
+            .map_err(|_| anyhow!("a client thread panicked"))??;
+        all.ok += r.ok;
+        all.failed += r.failed;
+        all.setup_us.extend(r.setup_us);
+        all.connect_us.extend(r.connect_us);
+        for (k, v) in r.errors {
+            *all.errors.entry(k).or_default() += v;
+        }
+    }
+    all.elapsed = t0.elapsed();
+    all.setup_us.sort_unstable();
+    all.connect_us.sort_unstable();
+    Ok(all)
+}
+
+fn conn_thread(spec: &ConnSpec, k: usize) -> ThreadConns {
+    let start = Instant::now();
+    let deadline = start + spec.duration;
+    let quota = spec.max_conns / spec.threads as u64
+        + u64::from((k as u64) < spec.max_conns % spec.threads as u64);
+    let period = spec
+        .rate
+        .map(|r| Duration::from_secs_f64(spec.threads as f64 / r.max(1e-3)));
+    let offset = period.map(|p| p.mul_f64(k as f64 / spec.threads as f64));
+    let mut t = ThreadConns {
+        ok: 0,
+        failed: 0,
+        setup_us: Vec::with_capacity(quota.min(1 << 20) as usize),
+        connect_us: Vec::with_capacity(quota.min(1 << 20) as usize),
+        errors: BTreeMap::new(),
+    };
+    let mut req = [b'q'; REQUEST];
+    req[0] = MODE_RR;
+    for i in 0..quota {
+        if let (Some(p), Some(o)) = (period, offset) {
+            let at = start + o + p.mul_f64(i as f64);
+            if at >= deadline {
+                break;
+            }
+            let now = Instant::now();
+            if at > now {
+                std::thread::sleep(at - now);
+            }
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        let target = spec.targets[(i as usize * spec.threads + k) % spec.targets.len()];
+        match one_conn(target, &req, spec.timeout) {
+            Ok((connect, setup)) => {
+                t.ok += 1;
+                t.connect_us
+                    .push(connect.as_micros().min(u32::MAX as u128) as u32);
+                t.setup_us
+                    .push(setup.as_micros().min(u32::MAX as u128) as u32);
+            }
+            Err(what) => {
+                t.failed += 1;
+                *t.errors.entry(what).or_default() += 1;
+            }
+        }
+    }
+    t
+}
+
+/// One short connection; (connect time, time to the whole reply) or what failed.
+fn one_conn(
+    target: SocketAddr,
+    req: &[u8; REQUEST],
+    timeout: Duration,
+) -> std::result::Result<(Duration, Duration), String> {
+    let t = Instant::now();
+    let mut s = TcpStream::connect_timeout(&target, timeout)
+        .map_err(|e| format!("connect: {}", e.kind()))?;
+    let connect = t.elapsed();
+    let io = |e: std::io::Error, what: &str| format!("{what}: {}", e.kind());
+    s.set_nodelay(true).map_err(|e| io(e, "setsockopt"))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| io(e, "setsockopt"))?;
+    s.set_write_timeout(Some(timeout))
+        .map_err(|e| io(e, "setsockopt"))?;
+    s.write_all(req).map_err(|e| io(e, "send request"))?;
+    let mut reply = [0u8; REPLY];
+    s.read_exact(&mut reply).map_err(|e| io(e, "read reply"))?;
+    let setup = t.elapsed();
+    let mut more = [0u8; 16];
+    match s.read(&mut more) {
+        Ok(0) => Ok((connect, setup)),
+        Ok(_) => Err("read reply: more than expected".into()),
+        Err(e) => Err(io(e, "read server's FIN")),
+    }
+}
+
+/// One bulk TCP stream.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BulkStats {
+    /// Bytes the server counted.
+    pub bytes: u64,
+    pub elapsed: Duration,
+}
+
+impl BulkStats {
+    pub fn gbit_per_s(&self) -> f64 {
+        self.bytes as f64 * 8.0 / self.elapsed.as_secs_f64().max(1e-9) / 1e9
+    }
+}
+
+/// Streams to `target` from namespace `ns` for `duration` (or `max_bytes`), then half-closes
+/// and waits for the server's count: throughput is what the server received, over the time
+/// until it said so.
+pub fn run_bulk(
+    ns: &str,
+    target: SocketAddr,
+    duration: Duration,
+    max_bytes: u64,
+) -> Result<BulkStats> {
+    in_netns(ns, || -> Result<BulkStats> {
+        let timeout = Duration::from_secs(5);
+        let t0 = Instant::now();
+        let mut s = TcpStream::connect_timeout(&target, timeout)
+            .with_context(|| format!("bulk: connecting to {target}"))?;
+        s.set_write_timeout(Some(timeout))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut chunk = vec![b'b'; 256 * 1024];
+        chunk[0] = MODE_BULK;
+        s.write_all(&chunk).context("bulk: sending")?;
+        chunk[0] = b'b';
+        let mut sent = chunk.len() as u64;
+        while t0.elapsed() < duration && sent < max_bytes {
+            s.write_all(&chunk).context("bulk: sending")?;
+            sent += chunk.len() as u64;
+        }
+        s.shutdown(Shutdown::Write)?;
+        let mut count = [0u8; 8];
+        s.read_exact(&mut count)
+            .context("bulk: reading the server's count")?;
+        let bytes = u64::from_le_bytes(count);
+        let elapsed = t0.elapsed();
+        if bytes != sent {
+            bail!("bulk: sent {sent} bytes but the server counted {bytes}");
+        }
+        Ok(BulkStats { bytes, elapsed })
+    })
+}
+
+/// A UDP blaster: `threads` threads, each with `sockets_per_thread` connected sockets (one
+/// flow each), sending batches of small datagrams with `sendmmsg`, as fast as it goes.
+#[derive(Clone, Debug)]
+pub struct UdpSpec {
+    pub targets: Vec<SocketAddr>,
+    pub threads: usize,
+    pub sockets_per_thread: usize,
+    pub payload: usize,
+    pub max_packets: u64,
+    pub duration: Duration,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UdpStats {
+    /// Datagrams the sockets accepted (sent or dropped further on).
+    pub sent: u64,
+    pub elapsed: Duration,
+    /// Flows (sockets) used.
+    pub flows: usize,
+}
+
+/// Blasts from namespace `ns` as `spec` says.
+pub fn run_udp(ns: &str, spec: &UdpSpec) -> Result<UdpStats> {
+    let barrier = Arc::new(Barrier::new(spec.threads + 1));
+    let mut handles = Vec::new();
+    for k in 0..spec.threads {
+        let spec = spec.clone();
+        let barrier = barrier.clone();
+        handles.push(spawn_in_netns(ns, move || -> Result<u64> {
+            let mut socks = Vec::new();
+            for j in 0..spec.sockets_per_thread {
+                let target = spec.targets[(k * spec.sockets_per_thread + j) % spec.targets.len()];
+                let s = UdpSocket::bind("0.0.0.0:0")?;
+                s.connect(target)?;
+                socks.push(s);
+            }
+            barrier.wait();
+            Ok(blast(&socks, &spec))
+        }));
+    }
+    barrier.wait();
+    let t0 = Instant::now();
+    let mut sent = 0;
+    for h in handles {
+        sent += h
+            .join()
+            .map_err(|_| anyhow!("a blaster thread panicked"))??;
+    }
+    Ok(UdpStats {
+        sent,
+        elapsed: t0.elapsed(),
+        flows: spec.threads * spec.sockets_per_thread,
+    })
+}
+
+fn blast(socks: &[UdpSocket], spec: &UdpSpec) -> u64 {
+    const BATCH: usize = 32;
+    let deadline = Instant::now() + spec.duration;
+    let quota = spec.max_packets / spec.threads.max(1) as u64;
+    let mut payload = vec![b'u'; spec.payload.max(1)];
+    let mut iov = libc::iovec {
+        iov_base: payload.as_mut_ptr().cast(),
+        iov_len: payload.len(),
+    };
+    // SAFETY: a zeroed mmsghdr is a valid empty header; each points to the one iovec, which
+    // outlives the calls below.
+    let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; BATCH];
+    for m in &mut msgs {
+        m.msg_hdr.msg_iov = &mut iov;
+        m.msg_hdr.msg_iovlen = 1;
+    }
+    let mut sent = 0u64;
+    let mut round = 0u64;
+    while sent < quota {
+        if round.is_multiple_of(16) && Instant::now() >= deadline {
+            break;
+        }
+        round += 1;
+        for s in socks {
+            // SAFETY: see above; the socket is connected, so no address is needed.
+            let n = unsafe {
+                libc::sendmmsg(
+                    s.as_raw_fd(),
+                    msgs.as_mut_ptr(),
+                    BATCH as u32,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n > 0 {
+                sent += n as u64;
+            }
+        }
+    }
+    sent
+}

@@ -1,0 +1,163 @@
+//! Medians, percentiles and machine-wide CPU time.
+
+use anyhow::{Context as _, Result, anyhow};
+
+/// The median of `v` (mean of the two middle values for an even count); NaN when empty.
+/// NaN entries (not measured) are ignored.
+pub fn median(v: &[f64]) -> f64 {
+    let mut s: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    s.sort_by(|a, b| a.total_cmp(b));
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+/// The `p`-th percentile (0..=100, nearest rank) of an already sorted slice; NaN when empty.
+pub fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1] as f64
+}
+
+/// Aggregate CPU time of the machine, from the first line of `/proc/stat`, in clock ticks,
+/// with the moment it was read. `/proc/stat` is not namespaced: it counts the client, the
+/// balancer and the backends alike.
+///
+/// Busy time is taken as wall time × CPUs minus idle, iowait and steal: on a tickless kernel
+/// the idle and iowait columns come from the precise idle-time accounting, while user,
+/// system and softirq are sampled at the tick and miss short bursts of work between ticks on
+/// a CPU that is otherwise idle (a light load of short connections reads as almost nothing).
+#[derive(Clone, Copy, Debug)]
+pub struct CpuTimes {
+    /// user + nice + system + irq + softirq, sampled at the tick (guest is inside user).
+    pub busy: u64,
+    /// idle + iowait.
+    pub idle: u64,
+    /// Time the hypervisor gave to other guests.
+    pub steal: u64,
+    pub at: std::time::Instant,
+}
+
+impl CpuTimes {
+    pub fn read() -> Result<CpuTimes> {
+        let text = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+        parse_proc_stat(&text)
+    }
+
+    /// Busy time between `self` (earlier) and `later`, in seconds of one CPU: CPUs × wall time
+    /// − idle − iowait − steal.
+    pub fn busy_secs_until(&self, later: &CpuTimes) -> f64 {
+        let wall = later.at.duration_since(self.at).as_secs_f64();
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let idle = later.idle.saturating_sub(self.idle) as f64 / ticks_per_sec();
+        (cpus * wall - idle - self.steal_secs_until(later)).max(0.0)
+    }
+
+    /// Busy time between `self` and `later` from the tick-sampled columns, in seconds of one CPU.
+    pub fn sampled_busy_secs_until(&self, later: &CpuTimes) -> f64 {
+        later.busy.saturating_sub(self.busy) as f64 / ticks_per_sec()
+    }
+
+    /// Stolen time between `self` and `later`, in seconds of one CPU.
+    pub fn steal_secs_until(&self, later: &CpuTimes) -> f64 {
+        later.steal.saturating_sub(self.steal) as f64 / ticks_per_sec()
+    }
+}
+
+fn ticks_per_sec() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+/// Parses the aggregate `cpu` line of `/proc/stat`.
+pub fn parse_proc_stat(text: &str) -> Result<CpuTimes> {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .ok_or_else(|| anyhow!("no aggregate cpu line in /proc/stat"))?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let at = |i: usize| f.get(i).copied().unwrap_or(0);
+    // user nice system idle iowait irq softirq steal guest guest_nice
+    Ok(CpuTimes {
+        busy: at(0) + at(1) + at(2) + at(5) + at(6),
+        idle: at(3) + at(4),
+        steal: at(7),
+        at: std::time::Instant::now(),
+    })
+}
+
+/// Counters of the UDP stack of one namespace (`/proc/net/snmp`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UdpCounters {
+    pub in_datagrams: u64,
+    pub rcvbuf_errors: u64,
+    pub no_ports: u64,
+}
+
+impl UdpCounters {
+    /// Datagrams that reached the UDP stack (delivered or dropped for a full socket buffer).
+    pub fn arrived(&self) -> u64 {
+        self.in_datagrams + self.rcvbuf_errors
+    }
+}
+
+/// Parses the `Udp:` header and value lines of `/proc/net/snmp`.
+pub fn parse_snmp_udp(text: &str) -> Result<UdpCounters> {
+    let mut lines = text.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(head), Some(vals)) = (lines.next(), lines.next()) else {
+        return Err(anyhow!("no Udp: lines in /proc/net/snmp"));
+    };
+    let get = |name: &str| -> u64 {
+        head.split_whitespace()
+            .position(|h| h == name)
+            .and_then(|i| vals.split_whitespace().nth(i))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    Ok(UdpCounters {
+        in_datagrams: get("InDatagrams"),
+        rcvbuf_errors: get("RcvbufErrors"),
+        no_ports: get("NoPorts"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_and_percentiles() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&[]).is_nan());
+        assert_eq!(median(&[f64::NAN, 5.0]), 5.0);
+        let v: Vec<u32> = (1..=100).collect();
+        assert_eq!(percentile(&v, 50.0), 50.0);
+        assert_eq!(percentile(&v, 99.0), 99.0);
+        assert_eq!(percentile(&v, 100.0), 100.0);
+    }
+
+    #[test]
+    fn proc_stat_and_snmp() {
+        let s = "cpu  10 1 5 100 2 3 4 7 0 0\ncpu0 1 1 1 1 1 1 1 1 0 0\n";
+        let c = parse_proc_stat(s).unwrap();
+        assert_eq!((c.busy, c.idle, c.steal), (23, 102, 7));
+        let snmp = "Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\nUdp: 10 2 0 5 7 0\n";
+        let u = parse_snmp_udp(snmp).unwrap();
+        assert_eq!((u.in_datagrams, u.no_ports, u.rcvbuf_errors), (10, 2, 7));
+        assert_eq!(u.arrived(), 17);
+    }
+}
