@@ -71,10 +71,10 @@ impl FromStr for RoleGrant {
 }
 
 /// A request on the socket.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Request {
-    /// `status`, `services`, `backends`, `flows`, `backend.drain`, `backend.undrain`,
-    /// `backend.weight`.
+    /// `status`, `services`, `backends`, `flows`; `service.add|remove`,
+    /// `backend.add|remove|drain|undrain|weight|enable|disable`, `acl.add|remove`.
     pub action: String,
     #[serde(default)]
     pub service: Option<String>,
@@ -82,6 +82,12 @@ pub struct Request {
     pub backend: Option<String>,
     #[serde(default)]
     pub weight: Option<u32>,
+    /// `service.add`: `tcp|udp:IP:PORT`; `acl.add|remove`: `allow|deny CIDR`.
+    #[serde(default)]
+    pub value: Option<String>,
+    /// `service.add`: `N/s`.
+    #[serde(default)]
+    pub rate_limit: Option<String>,
 }
 
 /// Why a request was not carried out (also `lbctl`'s exit code).

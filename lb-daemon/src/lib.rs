@@ -3,6 +3,7 @@
 //!
 //! Modules, one per concern:
 //! - [`config`]: command-line flags and the effective configuration;
+//! - [`cli`]: the command lines of `lbctl` and `lb-audit` (for man pages and completions too);
 //! - [`balancer`]: service/backend placement and the weighted Maglev table;
 //! - [`control`]: the control socket: caller identity (SO_PEERCRED), roles, requests;
 //! - [`dataplane`]: loading the eBPF object, writing its maps, reading flows and records;
@@ -18,6 +19,7 @@
 pub mod alerts;
 pub mod audit;
 pub mod balancer;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -3,58 +3,14 @@
 //! Exit codes: 0 done; 1 cannot reach the daemon; 2 bad usage; 3 refused (the caller's role
 //! does not allow it); 4 invalid (no such service or backend, bad value); 5 failed (e.g. the
 //! change could not be recorded).
-use std::{path::PathBuf, process::ExitCode};
+use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-use lb_daemon::control::{self, Refusal, Request};
+use clap::Parser as _;
+use lb_daemon::{
+    cli::lbctl::{Cli, Command},
+    control::{self, Refusal},
+};
 use serde_json::Value;
-
-#[derive(Parser)]
-#[command(name = "lbctl", version, about = "Control and inspect lb-daemon")]
-struct Cli {
-    /// The daemon's control socket (default: $LB_CONTROL_SOCKET, else /run/lb-daemon/control.sock).
-    #[arg(long, global = true)]
-    socket: Option<PathBuf>,
-    /// Print the daemon's answer as JSON.
-    #[arg(long, global = true)]
-    json: bool,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Version, uptime, configuration generation, flows, data-plane counters.
-    Status,
-    /// The services.
-    Services,
-    /// A service's backends: weight, health, drain state.
-    Backends { service: String },
-    /// Live connections from the kernel's flow table (like `ipvsadm -Lnc`).
-    Flows {
-        #[arg(long)]
-        service: Option<String>,
-    },
-    /// Change a backend (operator).
-    Backend {
-        #[command(subcommand)]
-        op: BackendOp,
-    },
-}
-
-#[derive(Subcommand)]
-enum BackendOp {
-    /// No new flows to it; established ones continue.
-    Drain { service: String, backend: String },
-    /// Back into rotation.
-    Undrain { service: String, backend: String },
-    /// Set its weight (1 to 1000).
-    Weight {
-        service: String,
-        backend: String,
-        weight: u32,
-    },
-}
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -65,31 +21,7 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    let request = match &cli.command {
-        Command::Status => req("status", None, None, None),
-        Command::Services => req("services", None, None, None),
-        Command::Backends { service } => req("backends", Some(service), None, None),
-        Command::Flows { service } => req("flows", service.as_ref(), None, None),
-        Command::Backend {
-            op: BackendOp::Drain { service, backend },
-        } => req("backend.drain", Some(service), Some(backend), None),
-        Command::Backend {
-            op: BackendOp::Undrain { service, backend },
-        } => req("backend.undrain", Some(service), Some(backend), None),
-        Command::Backend {
-            op:
-                BackendOp::Weight {
-                    service,
-                    backend,
-                    weight,
-                },
-        } => req(
-            "backend.weight",
-            Some(service),
-            Some(backend),
-            Some(*weight),
-        ),
-    };
+    let request = cli.command.request();
     let socket = control::socket_path(cli.socket.clone());
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -126,20 +58,6 @@ fn main() -> ExitCode {
         print_human(&cli.command, &data);
     }
     ExitCode::SUCCESS
-}
-
-fn req(
-    action: &str,
-    service: Option<&String>,
-    backend: Option<&String>,
-    weight: Option<u32>,
-) -> Request {
-    Request {
-        action: action.into(),
-        service: service.cloned(),
-        backend: backend.cloned(),
-        weight,
-    }
 }
 
 /// A table of the given columns from an array of objects.
@@ -238,7 +156,7 @@ fn print_human(command: &Command, data: &Value) {
                 "idle_s",
             ],
         ),
-        Command::Backend { .. } => println!(
+        Command::Service { .. } | Command::Backend { .. } | Command::Acl { .. } => println!(
             "done: configuration generation {}, Maglev generation {}",
             data["config_generation"], data["maglev_generation"]
         ),
