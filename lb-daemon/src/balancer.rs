@@ -4,11 +4,17 @@
 //! The Maglev table depends only on the backends' addresses and weights (not on their order or
 //! on the host), so several balancers announcing the same VIP send a flow to the same backend.
 
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::{
+    collections::HashSet,
+    net::{IpAddr, SocketAddr, UdpSocket},
+};
 
 use anyhow::{Context as _, bail};
 
-use crate::config::{Cidr, ServiceSpec, Settings};
+use crate::{
+    config::{Cidr, ServiceSpec, Settings},
+    dataplane::{Layout, proto_number},
+};
 
 /// A backend placed in the data plane.
 #[derive(Clone, Debug)]
@@ -23,17 +29,19 @@ pub struct PlacedBackend {
     pub up: bool,
     /// An operator drained it: no new flows, established ones continue.
     pub drained: bool,
+    /// An operator took it out of rotation whatever its health checks say.
+    pub disabled: bool,
 }
 
 impl PlacedBackend {
     /// Whether new flows may go to it.
     pub fn in_rotation(&self) -> bool {
-        self.up && !self.drained
+        self.up && !self.drained && !self.disabled
     }
 }
 
 /// An access rule placed in the data plane.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct PlacedRule {
     /// Index in `RULE_HITS`, unique across services.
     pub id: u32,
@@ -63,60 +71,124 @@ pub struct PlacedService {
 }
 
 /// Assigns ids and slots to the configured services, backends and access rules, resolves SNAT
-/// addresses (`--snat-ip` of the backend's family, else the kernel's route source towards the
-/// backend) and builds the Maglev tables.
+/// addresses and builds the Maglev tables.
 pub fn place(settings: &Settings) -> anyhow::Result<Vec<PlacedService>> {
-    let mut next_backend = 0u32;
-    let mut next_rule = 0u32;
-    let mut out = Vec::new();
-    for (id, spec) in settings.services.iter().enumerate() {
-        let mut backends = Vec::new();
-        for b in &spec.backends {
-            let snat = match settings
-                .snat_ips
-                .iter()
-                .find(|ip| ip.is_ipv4() == b.addr.is_ipv4())
-            {
-                Some(ip) => *ip,
-                None => route_source(b.addr).with_context(|| {
-                    format!(
-                        "--backend {}={}: cannot find a source address towards it (give --snat-ip)",
-                        spec.name, b.addr
-                    )
-                })?,
-            };
-            backends.push(PlacedBackend {
-                index: next_backend,
-                addr: b.addr,
-                weight: b.weight,
-                snat,
-                up: true,
-                drained: false,
-            });
-            next_backend += 1;
-        }
-        let mut rules = Vec::new();
-        for (nets, allow) in [(&spec.allow, true), (&spec.deny, false)] {
-            for net in nets {
-                rules.push(PlacedRule {
-                    id: next_rule,
-                    net: *net,
-                    allow,
-                });
-                next_rule += 1;
-            }
-        }
-        let table = maglev_table(&backends, settings.maglev_table_size);
+    place_after(settings, &Layout::default())
+}
+
+/// As [`place`], after a previous daemon: ids its flows still use keep their meaning (the
+/// same service and backend get them again, nothing else does), so adopted flows stay
+/// correctly named and accounted.
+pub fn place_after(settings: &Settings, previous: &Layout) -> anyhow::Result<Vec<PlacedService>> {
+    let mut out: Vec<PlacedService> = Vec::new();
+    let reserved_ids: HashSet<u32> = previous.flow_services.clone();
+    let reserved_slots: HashSet<u32> = previous.backends.values().copied().collect();
+    // First the services and backends whose ids carry over, then the rest.
+    let kept = |spec: &ServiceSpec| {
+        previous
+            .services
+            .get(&(proto_number(spec.proto), spec.vip))
+            .copied()
+    };
+    for spec in &settings.services {
+        let id = match kept(spec) {
+            Some(id) if !out.iter().any(|s| s.id == id) => id,
+            _ => free_id(
+                out.iter().map(|s| s.id).chain(
+                    reserved_ids
+                        .iter()
+                        .copied()
+                        .filter(|r| !settings.services.iter().any(|o| kept(o) == Some(*r))),
+                ),
+                lb_common::MAX_SERVICES,
+            )
+            .context("--service: no free service id")?,
+        };
         out.push(PlacedService {
-            id: id as u32,
+            id,
             spec: spec.clone(),
-            backends,
+            backends: Vec::new(),
             generation: 1,
-            table,
-            rules,
+            table: Vec::new(),
+            rules: Vec::new(),
         });
     }
+    for i in 0..out.len() {
+        let id = out[i].id;
+        for b in &settings.services[i].backends {
+            let used = out
+                .iter()
+                .flat_map(|s| s.backends.iter().map(|b| b.index))
+                .collect::<HashSet<u32>>();
+            let index = match previous.backends.get(&(id, b.addr)) {
+                Some(&slot) if !used.contains(&slot) => slot,
+                _ => free_id(
+                    used.iter().copied().chain(reserved_slots.iter().copied()),
+                    lb_common::MAX_BACKENDS,
+                )
+                .context("--backend: no free backend slot")?,
+            };
+            let backend = place_backend(settings, &out[i].spec.name, index, b.addr, b.weight)?;
+            out[i].backends.push(backend);
+        }
+        for (nets, allow) in [
+            (settings.services[i].allow.clone(), true),
+            (settings.services[i].deny.clone(), false),
+        ] {
+            for net in nets {
+                let rid = free_id(
+                    out.iter().flat_map(|s| s.rules.iter().map(|r| r.id)),
+                    lb_common::MAX_ACL_RULES,
+                )
+                .context("--allow/--deny: no free rule id")?;
+                out[i].rules.push(PlacedRule {
+                    id: rid,
+                    net,
+                    allow,
+                });
+            }
+        }
+        out[i].table = maglev_table(&out[i].in_rotation(), settings.maglev_table_size);
+    }
     Ok(out)
+}
+
+/// A backend in slot `index`, with its SNAT address: `--snat-ip` of its family, else the
+/// kernel's route source towards it.
+pub fn place_backend(
+    settings: &Settings,
+    service: &str,
+    index: u32,
+    addr: SocketAddr,
+    weight: u32,
+) -> anyhow::Result<PlacedBackend> {
+    let snat = match settings
+        .snat_ips
+        .iter()
+        .find(|ip| ip.is_ipv4() == addr.is_ipv4())
+    {
+        Some(ip) => *ip,
+        None => route_source(addr).with_context(|| {
+            format!(
+                "backend {service}={addr}: cannot find a source address towards it (give --snat-ip)"
+            )
+        })?,
+    };
+    Ok(PlacedBackend {
+        index,
+        addr,
+        weight,
+        snat,
+        up: true,
+        drained: false,
+        disabled: false,
+    })
+}
+
+/// The lowest id below `limit` that is not in `used`.
+pub fn free_id(used: impl IntoIterator<Item = u32>, limit: u32) -> Option<u32> {
+    let used: HashSet<u32> = used.into_iter().collect();
+    (0..limit).find(|i| !used.contains(i))
 }
 
 impl PlacedService {
@@ -216,6 +288,7 @@ mod tests {
             snat: "10.0.0.1".parse().unwrap(),
             up: true,
             drained: false,
+            disabled: false,
         }
     }
 

@@ -15,6 +15,8 @@ use crate::audit::Proto;
 
 /// Default location of the audit log.
 pub const DEFAULT_AUDIT_DIR: &str = "/var/lib/lb-daemon/audit";
+/// Default location of the pinned kernel state.
+pub const DEFAULT_BPF_DIR: &str = "/sys/fs/bpf/lb-daemon";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -166,6 +168,25 @@ pub struct Args {
     /// How long a closed flow's entry lingers so trailing ACKs and retransmitted FINs pass.
     #[arg(long = "closed-linger", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub closed_linger: Duration,
+
+    /// Where the kernel state (maps, XDP links) is pinned, on a bpf filesystem; a daemon
+    /// started on a directory a previous one left adopts its flows.
+    #[arg(long = "bpf-dir", value_name = "DIR", default_value = DEFAULT_BPF_DIR)]
+    pub bpf_dir: PathBuf,
+
+    /// Start clean: drop the kernel state a previous daemon left (its flows are forgotten).
+    #[arg(long = "reset-state")]
+    pub reset_state: bool,
+
+    /// On SIGTERM: `keep` the data plane forwarding for the next daemon to adopt, or `detach`
+    /// it, closing every open flow (`shutdown`).
+    #[arg(
+        long = "on-stop",
+        value_name = "WHAT",
+        value_enum,
+        default_value = "keep"
+    )]
+    pub on_stop: OnStop,
 }
 
 /// `--service NAME=PROTO:IP:PORT`
@@ -294,6 +315,20 @@ pub struct Settings {
     pub closed_linger: Duration,
     pub maglev_table_size: u32,
     pub conntrack_size: u32,
+    pub bpf_dir: PathBuf,
+    pub reset_state: bool,
+    pub on_stop: OnStop,
+}
+
+/// What a stopping daemon does with the data plane (`--on-stop`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OnStop {
+    /// Leave the program attached and the flows in its pinned maps: forwarding goes on and
+    /// the next daemon adopts them (restarts and upgrades drop no connection).
+    Keep,
+    /// Detach the program, close every open flow (`shutdown`) and free the kernel state.
+    Detach,
 }
 
 /// How the audit log is written.
@@ -381,103 +416,22 @@ impl Args {
     pub fn into_settings(self) -> anyhow::Result<Settings> {
         let mut services: Vec<ServiceSpec> = Vec::new();
         for s in self.services {
-            if services.iter().any(|o| o.name == s.name) {
-                bail!("--service {}: service name declared twice", s.name);
-            }
-            if let Some(o) = services
-                .iter()
-                .find(|o| o.vip == s.vip && o.proto == s.proto)
-            {
-                bail!(
-                    "--service {}: {} is already service '{}'",
-                    s.name,
-                    s.vip,
-                    o.name
-                );
-            }
-            services.push(ServiceSpec {
-                name: s.name,
-                proto: s.proto,
-                vip: s.vip,
-                backends: Vec::new(),
-                allow: Vec::new(),
-                deny: Vec::new(),
-                rate_limit: None,
-                health: None,
-            });
-        }
-        if services.len() > lb_common::MAX_SERVICES as usize {
-            bail!(
-                "--service: at most {} services are supported",
-                lb_common::MAX_SERVICES
-            );
+            let name = s.name.clone();
+            add_service(&mut services, ServiceSpec::new(s.name, s.proto, s.vip))
+                .map_err(|e| anyhow::anyhow!("--service {name}: {e}"))?;
         }
         for b in self.backends {
-            let Some(svc) = services.iter_mut().find(|s| s.name == b.service) else {
-                bail!(
-                    "--backend {}={}: unknown service '{}' (declare it with --service)",
-                    b.service,
-                    b.addr,
-                    b.service
-                );
-            };
-            if b.addr.is_ipv4() != svc.vip.is_ipv4() {
-                bail!(
-                    "--backend {}={}: address family differs from the service's VIP {}",
-                    b.service,
-                    b.addr,
-                    svc.vip
-                );
-            }
-            if svc.backends.iter().any(|o| o.addr == b.addr) {
-                bail!("--backend {}={}: backend listed twice", b.service, b.addr);
-            }
-            svc.backends.push(BackendSpec {
-                addr: b.addr,
-                weight: b.weight,
-            });
+            add_backend(&mut services, &b.service, b.addr, b.weight)
+                .map_err(|e| anyhow::anyhow!("--backend {}={}: {e}", b.service, b.addr))?;
         }
         for (flag, rules, allow) in [
             ("--allow", &self.allow, true),
             ("--deny", &self.deny, false),
         ] {
             for r in rules {
-                let Some(svc) = services.iter_mut().find(|s| s.name == r.service) else {
-                    bail!(
-                        "{flag} {}={}: unknown service '{}' (declare it with --service)",
-                        r.service,
-                        r.net,
-                        r.service
-                    );
-                };
-                if r.net.addr.is_ipv4() != svc.vip.is_ipv4() {
-                    bail!(
-                        "{flag} {}={}: address family differs from the service's VIP {}",
-                        r.service,
-                        r.net,
-                        svc.vip
-                    );
-                }
-                if svc.allow.contains(&r.net) || svc.deny.contains(&r.net) {
-                    bail!(
-                        "{flag} {}={}: a rule for this prefix already exists",
-                        r.service,
-                        r.net
-                    );
-                }
-                if allow {
-                    svc.allow.push(r.net)
-                } else {
-                    svc.deny.push(r.net)
-                }
+                add_rule(&mut services, &r.service, r.net, allow)
+                    .map_err(|e| anyhow::anyhow!("{flag} {}={}: {e}", r.service, r.net))?;
             }
-        }
-        let rules: usize = services.iter().map(|s| s.allow.len() + s.deny.len()).sum();
-        if rules > lb_common::MAX_ACL_RULES as usize {
-            bail!(
-                "--allow/--deny: at most {} rules are supported",
-                lb_common::MAX_ACL_RULES
-            );
         }
         for r in self.rate_limits {
             let Some(svc) = services.iter_mut().find(|s| s.name == r.service) else {
@@ -499,13 +453,6 @@ impl Args {
             if svc.health.replace(spec).is_some() {
                 bail!("--health {name}: given twice");
             }
-        }
-        let total: usize = services.iter().map(|s| s.backends.len()).sum();
-        if total > lb_common::MAX_BACKENDS as usize {
-            bail!(
-                "--backend: at most {} backends are supported",
-                lb_common::MAX_BACKENDS
-            );
         }
         if self.snat_ips.iter().filter(|ip| ip.is_ipv4()).count() > 1
             || self.snat_ips.iter().filter(|ip| ip.is_ipv6()).count() > 1
@@ -548,8 +495,141 @@ impl Args {
             closed_linger: self.closed_linger,
             maglev_table_size: self.maglev_table_size,
             conntrack_size: self.conntrack_size,
+            bpf_dir: self.bpf_dir,
+            reset_state: self.reset_state,
+            on_stop: self.on_stop,
         })
     }
+}
+
+impl ServiceSpec {
+    /// A service without backends, rules, rate limit or health checks.
+    pub fn new(name: String, proto: Proto, vip: SocketAddr) -> Self {
+        ServiceSpec {
+            name,
+            proto,
+            vip,
+            backends: Vec::new(),
+            allow: Vec::new(),
+            deny: Vec::new(),
+            rate_limit: None,
+            health: None,
+        }
+    }
+}
+
+// The checks below are shared by the flags and by control requests (`lbctl service add`, ...),
+// so a running daemon accepts exactly what it would accept at start.
+
+/// Adds a service unless its name or its VIP and protocol are taken, or the table is full.
+pub fn add_service(services: &mut Vec<ServiceSpec>, spec: ServiceSpec) -> Result<(), String> {
+    check_name(&spec.name)?;
+    if services.iter().any(|o| o.name == spec.name) {
+        return Err("service name declared twice".into());
+    }
+    if let Some(o) = services
+        .iter()
+        .find(|o| o.vip == spec.vip && o.proto == spec.proto)
+    {
+        return Err(format!("{} is already service '{}'", spec.vip, o.name));
+    }
+    if services.len() >= lb_common::MAX_SERVICES as usize {
+        return Err(format!(
+            "at most {} services are supported",
+            lb_common::MAX_SERVICES
+        ));
+    }
+    services.push(spec);
+    Ok(())
+}
+
+/// Adds a backend to a service: same address family as the VIP, not listed twice, within the
+/// daemon-wide limit.
+pub fn add_backend(
+    services: &mut [ServiceSpec],
+    service: &str,
+    addr: SocketAddr,
+    weight: u32,
+) -> Result<(), String> {
+    let total: usize = services.iter().map(|s| s.backends.len()).sum();
+    let svc = find_service(services, service)?;
+    if addr.is_ipv4() != svc.vip.is_ipv4() {
+        return Err(format!(
+            "address family differs from the service's VIP {}",
+            svc.vip
+        ));
+    }
+    if addr.port() == 0 {
+        return Err("port 0 is not a valid backend port".into());
+    }
+    if !(1..=1000).contains(&weight) {
+        return Err(format!("weight {weight} is not from 1 to 1000"));
+    }
+    if svc.backends.iter().any(|o| o.addr == addr) {
+        return Err("backend listed twice".into());
+    }
+    if total >= lb_common::MAX_BACKENDS as usize {
+        return Err(format!(
+            "at most {} backends are supported",
+            lb_common::MAX_BACKENDS
+        ));
+    }
+    svc.backends.push(BackendSpec { addr, weight });
+    Ok(())
+}
+
+/// Adds an access rule to a service: same family as the VIP, one rule per prefix, within the
+/// daemon-wide limit.
+pub fn add_rule(
+    services: &mut [ServiceSpec],
+    service: &str,
+    net: Cidr,
+    allow: bool,
+) -> Result<(), String> {
+    let total: usize = services.iter().map(|s| s.allow.len() + s.deny.len()).sum();
+    let svc = find_service(services, service)?;
+    if net.addr.is_ipv4() != svc.vip.is_ipv4() {
+        return Err(format!(
+            "address family differs from the service's VIP {}",
+            svc.vip
+        ));
+    }
+    if svc.allow.contains(&net) || svc.deny.contains(&net) {
+        return Err("a rule for this prefix already exists".into());
+    }
+    if total >= lb_common::MAX_ACL_RULES as usize {
+        return Err(format!(
+            "at most {} rules are supported",
+            lb_common::MAX_ACL_RULES
+        ));
+    }
+    if allow {
+        svc.allow.push(net)
+    } else {
+        svc.deny.push(net)
+    }
+    Ok(())
+}
+
+fn find_service<'a>(
+    services: &'a mut [ServiceSpec],
+    name: &str,
+) -> Result<&'a mut ServiceSpec, String> {
+    services
+        .iter_mut()
+        .find(|s| s.name == name)
+        .ok_or_else(|| format!("unknown service '{name}' (declare it with --service)"))
+}
+
+/// `tcp|udp:IP:PORT`, the part of `--service` after `NAME=`.
+pub fn parse_vip(s: &str) -> Result<(Proto, SocketAddr), String> {
+    let f = parse_service(&format!("x={s}"))?;
+    Ok((f.proto, f.vip))
+}
+
+/// `N/s`, the part of `--rate-limit` after `SERVICE=`.
+pub fn parse_rate_value(s: &str) -> Result<u32, String> {
+    parse_rate(&format!("x={s}")).map(|r| r.per_sec)
 }
 
 /// The ports below the host's ephemeral range, so SNAT never collides with the host's own

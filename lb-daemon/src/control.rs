@@ -144,7 +144,10 @@ pub struct Call {
 pub fn required_role(action: &str) -> Option<Role> {
     match action {
         "status" | "services" | "backends" | "flows" => Some(Role::Viewer),
-        "backend.drain" | "backend.undrain" | "backend.weight" => Some(Role::Operator),
+        "backend.drain" | "backend.undrain" | "backend.weight" | "backend.enable"
+        | "backend.disable" => Some(Role::Operator),
+        "service.add" | "service.remove" | "backend.add" | "backend.remove" | "acl.add"
+        | "acl.remove" => Some(Role::Admin),
         _ => None,
     }
 }

@@ -15,17 +15,17 @@ use tracing::{info, warn};
 
 use crate::{
     audit::{
-        self, BackendDrained, CloseReason, ConfigChange, ConnClose, ConnDeny, ConnOpen,
-        ControlDenied, DaemonStart, DaemonStop, DenyReason, Event, HealthChange, Loss, Proto,
-        SealKey,
+        self, BackendDrained, CloseReason, ConnClose, ConnDeny, ConnOpen, DaemonStart, DaemonStop,
+        DenyReason, Event, HealthChange, Loss, Proto, SealKey,
     },
     balancer::{self, PlacedService},
-    config::Settings,
+    config::{OnStop, Settings},
     control,
     dataplane::{self, Dataplane, FlowPair, socket_addr},
     export, health,
     journal::Journal,
     metrics, neighbors, notify,
+    requests::{self, ControlState, Health, Names, Plane},
 };
 
 /// How often flows are swept and backends' neighbour entries refreshed.
@@ -65,21 +65,31 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
             settings.audit_dir.display()
         )
     })?;
-    let mut services = balancer::place(&settings)?;
-    let names = Names::new(&services);
+    let mut dp = Dataplane::load_pinned(
+        settings.maglev_table_size,
+        settings.conntrack_size,
+        &settings.bpf_dir,
+        settings.reset_state,
+    )?;
+    // Ids the flows of a previous daemon carry keep their meaning.
+    let layout = dp.previous_layout()?;
+    let mut services = balancer::place_after(&settings, &layout)?;
+    let mut names = Names::new(&services);
     check_forwarding(&services)?;
+    let adopted = if dp.adopted() { dp.flows()?.len() } else { 0 };
 
-    let mut dp = Dataplane::load(settings.maglev_table_size, settings.conntrack_size)?;
     dp.configure(
         settings.snat_ports,
         settings.maglev_table_size,
         flow_id_base(),
     )?;
     dp.install(&services)?;
-    let backend_ips = backend_ips(&services);
-    refresh_neighbors(backend_ips.clone()).await;
+    refresh_neighbors(backend_ips(&services)).await;
     for iface in &settings.ifaces {
         dp.attach(iface)?;
+    }
+    for iface in dp.detach_others(&settings.ifaces)? {
+        info!(iface = %iface, "detached from an interface no longer given with --iface");
     }
     // Attaching a native XDP program may reset the device; readiness means traffic can flow.
     wait_for_carrier(&settings.ifaces, Duration::from_secs(3)).await;
@@ -98,25 +108,22 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
     );
     audit.sync();
     audit.apply(&mut dp)?;
-    info!(ifaces = ?settings.ifaces, services = services.len(), "ready");
-    notify::notify(&format!(
-        "READY=1\nSTATUS=forwarding {} service(s) on {}",
-        services.len(),
-        settings.ifaces.join(", ")
-    ));
+    if dp.adopted() {
+        info!(
+            flows = adopted,
+            bpf_dir = %settings.bpf_dir.display(),
+            "adopted the running data plane and its flows"
+        );
+    }
 
     // Health checks: one task per checked backend, results come back on one channel.
     let (health_tx, mut health_rx) = tokio::sync::mpsc::channel::<health::Probe>(1024);
-    let mut health_state: HashMap<(u32, std::net::SocketAddr), health::State> = HashMap::new();
+    let mut health = Health::new(health_tx);
     for s in &services {
-        if let Some(spec) = &s.spec.health {
-            for b in &s.backends {
-                health::spawn(s.id, b.addr, spec.clone(), health_tx.clone());
-                health_state.insert((s.id, b.addr), health::State::default());
-            }
+        for b in &s.backends {
+            health.start(s, b.addr);
         }
     }
-    drop(health_tx);
 
     let (calls_tx, mut calls_rx) = tokio::sync::mpsc::channel::<control::Call>(64);
     control::serve(&settings.control_socket, settings.roles.clone(), calls_tx)?;
@@ -138,7 +145,15 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
         drained_reported: Vec::new(),
         started: SystemTime::now(),
     };
+    info!(ifaces = ?settings.ifaces, services = services.len(), "ready");
+    notify::notify(&format!(
+        "READY=1\nSTATUS=forwarding {} service(s) on {}",
+        services.len(),
+        settings.ifaces.join(", ")
+    ));
 
+    // A previous daemon recorded the losses it saw and cleared the counter; what is there
+    // now happened while no daemon ran.
     let mut loss_seen = KernelLoss {
         count: 0,
         since: SystemTime::now(),
@@ -164,17 +179,26 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
                 audit.sync();
                 audit.apply(&mut dp)?;
             }
-            _ = neigh.tick() => refresh_neighbors(backend_ips.clone()).await,
+            _ = neigh.tick() => refresh_neighbors(backend_ips(&services)).await,
             Some(reply) = scrape_rx.recv() => {
-                let _ = reply.send(scrape(&mut dp, &services, &health_state, &names, &audit)?);
+                let _ = reply.send(scrape(&mut dp, &services, &health.state, &names, &audit)?);
             }
             Some(call) = calls_rx.recv() => {
-                let response = handle_call(&call, &mut services, &health_state, &mut dp, &mut audit, &settings, &mut control_state)?;
+                let mut plane = Plane {
+                    services: &mut services,
+                    names: &mut names,
+                    health: &mut health,
+                    dp: &mut dp,
+                    audit: &mut audit,
+                    settings: &settings,
+                    state: &mut control_state,
+                };
+                let response = requests::handle(&call, &mut plane)?;
                 let _ = call.reply.send(response);
                 audit.apply(&mut dp)?;
             }
             Some(probe) = health_rx.recv() => {
-                health_result(&probe, &mut services, &mut health_state, &mut dp, &mut audit, settings.maglev_table_size)?;
+                health_result(&probe, &mut services, &mut health.state, &mut dp, &mut audit, settings.maglev_table_size)?;
                 audit.sync();
                 audit.apply(&mut dp)?;
             }
@@ -183,58 +207,82 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
     }
 
     info!("stopping");
-    notify::notify("STOPPING=1\nSTATUS=writing the records of open flows");
-    dp.detach_all()?;
-    // Records the program pushed before it was detached come first.
-    drain(ring.get_mut(), &mut audit, &names);
-    let clock = Clock::now();
-    let mut closed = 0;
-    for pair in dp.flows()? {
-        if pair.fwd.state & flow_state::CLOSED == 0 {
-            record_close(&mut audit, &names, &pair, close_reason::SHUTDOWN, &clock);
-            closed += 1;
+    let reason = match settings.on_stop {
+        OnStop::Keep => {
+            // The program keeps forwarding on the pinned maps; the next daemon adopts the
+            // flows and writes their records, from the ring buffer's unread ones on.
+            notify::notify("STOPPING=1\nSTATUS=leaving the data plane running");
+            drain(ring.get_mut(), &mut audit, &names);
+            record_kernel_loss(&mut dp, &mut audit, &mut loss_seen)?;
+            dp.clear_ringbuf_loss()?;
+            let open = dp
+                .flows()?
+                .iter()
+                .filter(|p| p.fwd.state & flow_state::CLOSED == 0)
+                .count();
+            info!(
+                open_flows = open,
+                "data plane left running for the next daemon"
+            );
+            format!("signal; data plane kept running with {open} open flows")
         }
-        dp.remove_flow(&pair)?;
-    }
-    let now = SystemTime::now();
-    record_kernel_loss(&mut dp, &mut audit, &mut loss_seen)?;
-    audit.record(
-        now,
-        Event::DaemonStop(DaemonStop {
-            reason: "signal".to_string(),
-        }),
-    );
+        OnStop::Detach => {
+            notify::notify("STOPPING=1\nSTATUS=writing the records of open flows");
+            dp.detach_all()?;
+            // Records the program pushed before it was detached come first.
+            drain(ring.get_mut(), &mut audit, &names);
+            let clock = Clock::now();
+            let mut closed = 0;
+            for pair in dp.flows()? {
+                if pair.fwd.state & flow_state::CLOSED == 0 {
+                    record_close(&mut audit, &names, &pair, close_reason::SHUTDOWN, &clock);
+                    closed += 1;
+                }
+                dp.remove_flow(&pair)?;
+            }
+            record_kernel_loss(&mut dp, &mut audit, &mut loss_seen)?;
+            dp.unpin_all()?;
+            info!(closed_at_shutdown = closed, "data plane detached");
+            "signal".to_string()
+        }
+    };
+    audit.record(SystemTime::now(), Event::DaemonStop(DaemonStop { reason }));
     audit.close()?;
     // The exporters send what is in the log, then stop.
     export_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for e in exporters {
         let _ = e.join();
     }
-    info!(closed_at_shutdown = closed, "stopped");
+    info!("stopped");
     Ok(())
 }
 
 /// The kernel's FIB lookup from XDP answers "forwarding disabled" unless the host forwards;
 /// refuse to start rather than drop every new flow.
 fn check_forwarding(services: &[PlacedService]) -> anyhow::Result<()> {
-    for (v6, key) in [
-        (false, "net/ipv4/ip_forward"),
-        (true, "net/ipv6/conf/all/forwarding"),
-    ] {
-        if !services.iter().any(|s| s.spec.vip.is_ipv6() == v6) {
-            continue;
+    for v6 in [false, true] {
+        if services.iter().any(|s| s.spec.vip.is_ipv6() == v6) {
+            check_forwarding_for(v6)?;
         }
-        let path = format!("/proc/sys/{key}");
-        let on = std::fs::read_to_string(&path)
-            .map(|v| v.trim() == "1")
-            .unwrap_or(false);
-        if !on {
-            anyhow::bail!(
-                "{} is not 1: the XDP program's FIB lookups need forwarding enabled (sysctl -w {}=1)",
-                key.replace('/', "."),
-                key.replace('/', ".")
-            );
-        }
+    }
+    Ok(())
+}
+
+/// Whether the host forwards IPv4 (or IPv6) packets.
+pub(crate) fn check_forwarding_for(v6: bool) -> anyhow::Result<()> {
+    let key = if v6 {
+        "net/ipv6/conf/all/forwarding"
+    } else {
+        "net/ipv4/ip_forward"
+    };
+    let on = std::fs::read_to_string(format!("/proc/sys/{key}"))
+        .map(|v| v.trim() == "1")
+        .unwrap_or(false);
+    if !on {
+        let name = key.replace('/', ".");
+        anyhow::bail!(
+            "{name} is not 1: the XDP program's FIB lookups need forwarding enabled (sysctl -w {name}=1)"
+        );
     }
     Ok(())
 }
@@ -313,169 +361,6 @@ fn scrape(
     Ok(metrics::render(&snapshot))
 }
 
-/// What the control plane keeps between requests.
-struct ControlState {
-    /// Configuration generation: 1 at start, one more per accepted change.
-    generation: u64,
-    /// Drained backends whose `backend_drained` record is written.
-    drained_reported: Vec<(u32, std::net::SocketAddr)>,
-    started: SystemTime,
-}
-
-/// Executes one control request: checks the caller's role (a refusal is a `control_denied`
-/// record), answers queries, and applies changes only after their `config_change` record is
-/// written (under fail-closed, a change that cannot be recorded is refused).
-fn handle_call(
-    call: &control::Call,
-    services: &mut [PlacedService],
-    health: &HashMap<(u32, std::net::SocketAddr), health::State>,
-    dp: &mut Dataplane,
-    audit: &mut Journal,
-    settings: &Settings,
-    state: &mut ControlState,
-) -> anyhow::Result<control::Response> {
-    use control::{Refusal, Response};
-    use serde_json::json;
-    let req = &call.request;
-    let target = [req.service.as_deref(), req.backend.as_deref()]
-        .into_iter()
-        .flatten()
-        .collect::<Vec<_>>()
-        .join(" ");
-    let Some(needed) = control::required_role(&req.action) else {
-        return Ok(Response::err(
-            Refusal::Invalid,
-            format!("unknown action '{}'", req.action),
-        ));
-    };
-    if call.role < Some(needed) {
-        let reason = format!(
-            "{} requires the {needed:?} role; {} has {:?}",
-            req.action, call.actor.user, call.role
-        );
-        warn!(actor = %call.actor.user, uid = call.actor.uid, action = %req.action, "control request refused");
-        audit.record(
-            SystemTime::now(),
-            Event::ControlDenied(ControlDenied {
-                actor: call.actor.clone(),
-                action: req.action.clone(),
-                target,
-                reason: reason.clone(),
-            }),
-        );
-        audit.sync();
-        return Ok(Response::err(Refusal::Refused, reason));
-    }
-    let find = |services: &[PlacedService]| -> Result<usize, Response> {
-        let name = req
-            .service
-            .as_deref()
-            .ok_or_else(|| Response::err(Refusal::Invalid, "which service?"))?;
-        services
-            .iter()
-            .position(|s| s.spec.name == name)
-            .ok_or_else(|| Response::err(Refusal::Invalid, format!("no service '{name}'")))
-    };
-    match req.action.as_str() {
-        "status" => {
-            let stats = dp.stats()?;
-            Ok(Response::ok(json!({
-                "version": env!("CARGO_PKG_VERSION"),
-                "uptime_s": SystemTime::now().duration_since(state.started).unwrap_or_default().as_secs(),
-                "config_generation": state.generation,
-                "services": services.len(),
-                "flows": dp.flows()?.len(),
-                "audit_dir": settings.audit_dir,
-                "counters": lb_common::stat::NAMES.iter().zip(stats).map(|(n, v)| (n.to_string(), v)).collect::<std::collections::BTreeMap<_, _>>(),
-            })))
-        }
-        "services" => Ok(Response::ok(json!(services.iter().map(|s| json!({
-            "name": s.spec.name, "proto": s.spec.proto.name(), "vip": s.spec.vip.to_string(),
-            "backends": s.backends.len(), "in_rotation": s.in_rotation().len(), "generation": s.generation,
-        })).collect::<Vec<_>>()))),
-        "backends" => {
-            let i = match find(services) { Ok(i) => i, Err(r) => return Ok(r) };
-            let s = &services[i];
-            Ok(Response::ok(json!(s.backends.iter().map(|b| json!({
-                "backend": b.addr.to_string(), "weight": b.weight, "health": if b.up { "up" } else { "down" },
-                "drained": b.drained, "snat": b.snat.to_string(),
-                "failures": health.get(&(s.id, b.addr)).map_or(0, |h| h.failures),
-            })).collect::<Vec<_>>())))
-        }
-        "flows" => {
-            let now = clock_ns(libc::CLOCK_MONOTONIC_COARSE);
-            let names: HashMap<u32, &str> = services.iter().map(|s| (s.id, s.spec.name.as_str())).collect();
-            let only = req.service.as_deref();
-            let flows: Vec<_> = dp
-                .flows()?
-                .into_iter()
-                .filter(|p| only.is_none_or(|n| names.get(&p.fwd.service_id) == Some(&n)))
-                .map(|p| {
-                    let k = &p.key;
-                    let proto = if k.proto == lb_common::PROTO_UDP { "udp" } else { "tcp" };
-                    json!({
-                        "flow_id": p.fwd.flow_id, "proto": proto, "service": names.get(&p.fwd.service_id),
-                        "client": socket_addr(k.src, k.af, k.sport).to_string(),
-                        "vip": socket_addr(k.dst, k.af, k.dport).to_string(),
-                        "backend": socket_addr(p.fwd.nat_dst, k.af, p.fwd.nat_dport).to_string(),
-                        "state": if p.fwd.state & flow_state::CLOSED != 0 { "closed" } else { "open" },
-                        "bytes_to_backend": p.fwd.bytes, "bytes_to_client": p.rev.map_or(0, |r| r.bytes),
-                        "idle_s": now.saturating_sub(p.last_seen_ns()) / 1_000_000_000,
-                    })
-                })
-                .collect();
-            Ok(Response::ok(json!(flows)))
-        }
-        "backend.drain" | "backend.undrain" | "backend.weight" => {
-            let i = match find(services) { Ok(i) => i, Err(r) => return Ok(r) };
-            let Some(addr) = req.backend.as_deref().and_then(|b| b.parse::<std::net::SocketAddr>().ok()) else {
-                return Ok(Response::err(Refusal::Invalid, "which backend (IP:PORT)?"));
-            };
-            let Some(b) = services[i].backends.iter().position(|b| b.addr == addr) else {
-                return Ok(Response::err(Refusal::Invalid, format!("{addr} is not a backend of {}", services[i].spec.name)));
-            };
-            let view = |b: &balancer::PlacedBackend| json!({ "weight": b.weight, "drained": b.drained }).to_string();
-            let before = view(&services[i].backends[b]);
-            let mut changed = services[i].backends[b].clone();
-            match req.action.as_str() {
-                "backend.drain" => changed.drained = true,
-                "backend.undrain" => changed.drained = false,
-                _ => match req.weight {
-                    Some(w) if (1..=1000).contains(&w) => changed.weight = w,
-                    _ => return Ok(Response::err(Refusal::Invalid, "weight must be 1 to 1000")),
-                },
-            }
-            let after = view(&changed);
-            // Recorded and durable first; only then applied.
-            audit.record(
-                SystemTime::now(),
-                Event::ConfigChange(ConfigChange {
-                    actor: call.actor.clone(),
-                    action: req.action.clone(),
-                    target: format!("{} {addr}", services[i].spec.name),
-                    before,
-                    after,
-                    generation_before: state.generation,
-                    generation_after: state.generation + 1,
-                }),
-            );
-            audit.sync();
-            if audit.refusing_changes() {
-                return Ok(Response::err(Refusal::Failed, "the audit log cannot record the change (fail-closed)"));
-            }
-            state.generation += 1;
-            if !changed.drained {
-                state.drained_reported.retain(|k| *k != (services[i].id, addr));
-            }
-            services[i].backends[b] = changed;
-            services[i].rebuild(settings.maglev_table_size);
-            dp.update_service(&services[i])?;
-            Ok(Response::ok(json!({ "config_generation": state.generation, "maglev_generation": services[i].generation })))
-        }
-        _ => Ok(Response::err(Refusal::Invalid, format!("unknown action '{}'", req.action))),
-    }
-}
-
 /// Writes `backend_drained` for drained backends whose last flow has closed.
 fn report_drained(
     dp: &mut Dataplane,
@@ -498,9 +383,11 @@ fn report_drained(
     }
     let flows = dp.flows()?;
     for (id, index, addr, service) in pending {
-        let open = flows
-            .iter()
-            .any(|p| p.fwd.backend_idx == index && p.fwd.state & flow_state::CLOSED == 0);
+        let open = flows.iter().any(|p| {
+            p.fwd.service_id == id
+                && p.fwd.backend_idx == index
+                && p.fwd.state & flow_state::CLOSED == 0
+        });
         if !open {
             audit.record(
                 SystemTime::now(),
@@ -641,6 +528,11 @@ fn backend_ips(services: &[PlacedService]) -> Vec<IpAddr> {
     ips
 }
 
+/// Resolves a new backend's link-layer address in the background.
+pub(crate) fn prime_neighbor(ip: IpAddr) {
+    tokio::spawn(refresh_neighbors(vec![ip]));
+}
+
 async fn refresh_neighbors(ips: Vec<IpAddr>) {
     let wanted = ips.len();
     match tokio::task::spawn_blocking(move || neighbors::prime(&ips, Duration::from_secs(1))).await
@@ -778,27 +670,6 @@ fn close_record(pair: &FlowPair, reason: u8, now_boot: u64) -> ConnEvent {
     }
 }
 
-/// What kernel records refer to by number: services and access rules.
-pub struct Names {
-    pub services: HashMap<u32, String>,
-    pub rules: HashMap<u32, String>,
-}
-
-impl Names {
-    pub fn new(services: &[PlacedService]) -> Self {
-        Self {
-            services: services
-                .iter()
-                .map(|s| (s.id, s.spec.name.clone()))
-                .collect(),
-            rules: services
-                .iter()
-                .flat_map(|s| s.rules.iter().map(|r| (r.id, r.describe())))
-                .collect(),
-        }
-    }
-}
-
 /// The audit event for a kernel connection record; `None` for a record it cannot name.
 pub fn conn_event(ev: &ConnEvent, names: &Names) -> Option<Event> {
     let proto = match ev.proto {
@@ -905,7 +776,7 @@ impl Clock {
 
 /// A clock in nanoseconds: CLOCK_BOOTTIME is `bpf_ktime_get_boot_ns`'s, CLOCK_MONOTONIC_COARSE
 /// is `bpf_ktime_get_coarse_ns`'s.
-fn clock_ns(clock: libc::clockid_t) -> u64 {
+pub(crate) fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

@@ -1,23 +1,43 @@
 //! The kernel side as user space drives it: load the embedded eBPF object, write the service,
 //! backend, Maglev and configuration maps, attach the XDP program, and read back flows,
 //! counters and ring-buffer records.
+//!
+//! Every map and every interface's XDP link is pinned under the state directory
+//! (`--bpf-dir`, on a bpf filesystem). The kernel keeps forwarding while no daemon runs, and
+//! the next daemon loads its program onto the same maps and swaps it into the links
+//! atomically: established flows, the ring buffer's unread records and the counters carry
+//! over. State whose layout differs from this build's is refused rather than misread.
 
-use std::{collections::HashMap as StdHashMap, net::SocketAddr};
+use std::{
+    collections::HashMap as StdHashMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
 
-use anyhow::{Context as _, anyhow};
+use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues, RingBuf, lpm_trie::Key},
-    programs::{Xdp, XdpMode, xdp::XdpLinkId},
+    maps::{
+        Array, HashMap, LpmTrie, MapData, MapInfo, PerCpuArray, PerCpuValues, RingBuf,
+        lpm_trie::Key,
+    },
+    programs::{
+        Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
     util::nr_cpus,
 };
 use lb_common::{
-    AclKey, AclRule, Backend, Config, ConnEvent, Flow, FlowKey, MAX_ACL_RULES, MAX_SERVICES,
-    ServiceInfo, ServiceKey, VipKey, acl_action, addr, config_flags, flow_dir, maps, service_flags,
-    stat,
+    AclKey, AclRule, Backend, Config, ConnEvent, Flow, FlowKey, HopCache, MAX_ACL_RULES,
+    MAX_BACKENDS, MAX_SERVICES, ServiceInfo, ServiceKey, VipKey, acl_action, addr, config_flags,
+    flow_dir, maps, service_flags, stat,
 };
 
-use crate::{audit::Proto, balancer::PlacedService};
+use crate::{
+    audit::Proto,
+    balancer::{PlacedRule, PlacedService},
+};
 
 /// The eBPF object built from `lb-ebpf` by the build script.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-xdp"));
@@ -40,32 +60,120 @@ impl FlowPair {
     }
 }
 
-/// A loaded (and possibly attached) data plane. Dropping it detaches the program.
+/// A loaded data plane. Without a state directory (tests, benchmarks) dropping it detaches
+/// the program; with one, what is attached stays attached until [`Dataplane::unpin_all`].
 pub struct Dataplane {
     ebpf: Ebpf,
-    links: Vec<(String, XdpLinkId)>,
+    /// Where maps and links are pinned; `None`: nothing is pinned.
+    state: Option<PathBuf>,
+    /// Interfaces the program is attached to.
+    ifaces: Vec<String>,
+    /// Links owned by this process (only without a state directory).
+    links: Vec<aya::programs::xdp::XdpLinkId>,
+    /// Whether the maps were adopted from a previous daemon.
+    adopted: bool,
 }
 
+/// Bumped whenever the layout or meaning of a map's key or value changes, so that a daemon
+/// never adopts state written by an incompatible build.
+const STATE_LAYOUT: u32 = 1;
+
 impl Dataplane {
-    /// Loads the object and the XDP program into the kernel, without attaching it. The Maglev
-    /// and conntrack maps are sized here, from the configuration.
+    /// Loads the object and the XDP program into the kernel, without attaching it, and with
+    /// maps of its own. The Maglev and conntrack maps are sized here, from the configuration.
     pub fn load(maglev_size: u32, conntrack_size: u32) -> anyhow::Result<Self> {
+        Self::load_with(maglev_size, conntrack_size, None)
+    }
+
+    /// As [`Dataplane::load`], on the maps pinned under `state`: those a previous daemon left
+    /// (adopted), else new ones pinned there. `reset` removes the previous state first
+    /// (detaching its program).
+    pub fn load_pinned(
+        maglev_size: u32,
+        conntrack_size: u32,
+        state: &Path,
+        reset: bool,
+    ) -> anyhow::Result<Self> {
+        prepare_state_dir(state)?;
+        let layout = state.join(layout_name());
+        if reset {
+            remove_pins(state)
+                .with_context(|| format!("--reset-state: clearing {}", state.display()))?;
+        }
+        // State of another layout: refuse to guess what its bytes mean.
+        for entry in std::fs::read_dir(state)? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if name.starts_with("layout-") && name != layout_name() {
+                bail!(
+                    "--bpf-dir {}: the kernel state there ({name}) was written by an incompatible version; \
+                     start once with --reset-state (established flows are then dropped)",
+                    state.display()
+                );
+            }
+        }
+        let adopted = layout.join(maps::FLOWS).exists();
+        if adopted {
+            for (map, want) in [
+                (maps::FLOWS, 2 * conntrack_size),
+                (maps::MAGLEV, MAX_SERVICES * maglev_size),
+            ] {
+                let have = MapInfo::from_pin(layout.join(map))
+                    .with_context(|| format!("reading the pinned map {map}"))?
+                    .max_entries();
+                if have != want {
+                    bail!(
+                        "--bpf-dir {}: the running data plane's {map} map has {have} entries, this configuration needs {want} \
+                         (--conntrack-size or --maglev-table-size changed); keep the old sizes, or start with --reset-state",
+                        state.display()
+                    );
+                }
+            }
+        }
+        std::fs::create_dir_all(&layout)
+            .with_context(|| format!("creating {}", layout.display()))?;
+        let mut dp = Self::load_with(maglev_size, conntrack_size, Some(&layout))?;
+        dp.state = Some(state.to_path_buf());
+        dp.adopted = adopted;
+        Ok(dp)
+    }
+
+    fn load_with(
+        maglev_size: u32,
+        conntrack_size: u32,
+        pins: Option<&Path>,
+    ) -> anyhow::Result<Self> {
         if EBPF_OBJECT.is_empty() {
             return Err(anyhow!(
                 "this binary was built without the eBPF object (AYA_BUILD_SKIP); rebuild after `cargo xtask setup`"
             ));
         }
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(maps::MAGLEV, MAX_SERVICES * maglev_size)
-            .map_max_entries(maps::FLOWS, 2 * conntrack_size)
+            .map_max_entries(maps::FLOWS, 2 * conntrack_size);
+        let names = map_names()?;
+        if let Some(dir) = pins {
+            for name in &names {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
         let prog: &mut Xdp = program(&mut ebpf)?;
         prog.load().context("loading the XDP program (verifier)")?;
         Ok(Self {
             ebpf,
+            state: None,
+            ifaces: Vec::new(),
             links: Vec::new(),
+            adopted: false,
         })
+    }
+
+    /// Whether the maps, and the flows in them, were left by a previous daemon.
+    pub fn adopted(&self) -> bool {
+        self.adopted
     }
 
     /// The XDP program, e.g. for `BPF_PROG_TEST_RUN`.
@@ -91,25 +199,95 @@ impl Dataplane {
         Ok(prog)
     }
 
-    /// Attaches the program to an interface, in native mode when the driver has it.
+    /// Attaches the program to an interface, in native mode when the driver has it. With a
+    /// state directory the link is pinned there; a link a previous daemon pinned gets this
+    /// program swapped in atomically (no packet meets an interface without a program).
     pub fn attach(&mut self, iface: &str) -> anyhow::Result<()> {
+        let context = || format!("--iface {iface}: cannot attach the XDP program");
+        let Some(pin) = self.link_pin(iface) else {
+            let id = program(&mut self.ebpf)?
+                .attach(iface, XdpMode::default())
+                .with_context(context)?;
+            self.links.push(id);
+            self.ifaces.push(iface.to_string());
+            return Ok(());
+        };
         let prog = program(&mut self.ebpf)?;
-        let id = prog
-            .attach(iface, XdpMode::default())
-            .with_context(|| format!("--iface {iface}: cannot attach the XDP program"))?;
-        self.links.push((iface.to_string(), id));
+        let id = match PinnedLink::from_pin(&pin) {
+            Ok(pinned) => {
+                let link = XdpLink::try_from(FdLink::from(pinned)).with_context(context)?;
+                prog.attach_to_link(link).with_context(context)?
+            }
+            Err(_) => prog
+                .attach(iface, XdpMode::default())
+                .with_context(context)?,
+        };
+        let link = FdLink::try_from(prog.take_link(id).with_context(context)?)
+            .map_err(|e| anyhow!("{}: the XDP link cannot be pinned: {e}", context()))?;
+        if !pin.exists() {
+            link.pin(&pin)
+                .with_context(|| format!("pinning the XDP link of {iface} at {}", pin.display()))?;
+        }
+        self.ifaces.push(iface.to_string());
         Ok(())
+    }
+
+    /// Detaches interfaces a previous daemon attached that are not in `keep`.
+    pub fn detach_others(&mut self, keep: &[String]) -> anyhow::Result<Vec<String>> {
+        let Some(dir) = self.layout_dir() else {
+            return Ok(Vec::new());
+        };
+        let mut gone = Vec::new();
+        for entry in std::fs::read_dir(&dir)? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if let Some(iface) = name.strip_prefix(LINK_PREFIX)
+                && !keep.iter().any(|k| k == iface)
+            {
+                std::fs::remove_file(dir.join(&name))?;
+                gone.push(iface.to_string());
+            }
+        }
+        Ok(gone)
     }
 
     /// Detaches the program from every interface it was attached to.
     pub fn detach_all(&mut self) -> anyhow::Result<()> {
-        let links = std::mem::take(&mut self.links);
         let prog = program(&mut self.ebpf)?;
-        for (iface, id) in links {
-            prog.detach(id)
-                .with_context(|| format!("detaching from {iface}"))?;
+        for id in std::mem::take(&mut self.links) {
+            prog.detach(id).context("detaching the XDP program")?;
+        }
+        if let Some(dir) = self.layout_dir() {
+            for iface in &self.ifaces {
+                let pin = dir.join(format!("{LINK_PREFIX}{iface}"));
+                match std::fs::remove_file(&pin) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("unpinning {}", pin.display()));
+                    }
+                }
+            }
+        }
+        self.ifaces.clear();
+        Ok(())
+    }
+
+    /// Removes every pin (links and maps): the kernel frees the state once this process
+    /// exits. Call after [`Dataplane::detach_all`] when the data plane should not outlive us.
+    pub fn unpin_all(&mut self) -> anyhow::Result<()> {
+        if let Some(state) = &self.state {
+            remove_pins(state).with_context(|| format!("clearing {}", state.display()))?;
         }
         Ok(())
+    }
+
+    fn layout_dir(&self) -> Option<PathBuf> {
+        self.state.as_ref().map(|s| s.join(layout_name()))
+    }
+
+    fn link_pin(&self, iface: &str) -> Option<PathBuf> {
+        self.layout_dir()
+            .map(|d| d.join(format!("{LINK_PREFIX}{iface}")))
     }
 
     /// Writes run-time settings and seeds the per-CPU flow-id counters.
@@ -151,77 +329,172 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Writes services, backends, Maglev tables and access rules.
+    /// Writes services, backends, Maglev tables and access rules, replacing whatever a
+    /// previous daemon left in those maps (flows are kept).
     pub fn install(&mut self, services: &[PlacedService]) -> anyhow::Result<()> {
-        {
-            let mut backends: Array<&mut MapData, Backend> =
-                Array::try_from(self.map(maps::BACKENDS)?)?;
-            for s in services {
-                for b in &s.backends {
-                    let (a, af) = addr::to_words(b.addr.ip());
-                    let (snat, _) = addr::to_words(b.snat);
-                    let entry = Backend {
-                        addr: a,
-                        snat_addr: snat,
-                        port: b.addr.port().to_be(),
-                        af,
-                        _pad0: 0,
-                        _pad1: 0,
-                    };
-                    backends.set(b.index, entry, 0)?;
-                }
-            }
-        }
-        {
-            let mut acl: LpmTrie<&mut MapData, AclKey, AclRule> =
-                LpmTrie::try_from(self.map(maps::ACL)?)?;
-            for s in services {
-                for r in &s.rules {
-                    let (words, af) = addr::to_words(r.net.addr);
-                    let key = Key::new(
-                        32 + r.net.len as u32,
-                        AclKey {
-                            scope: AclKey::scope(s.id, af),
-                            addr: words,
-                        },
-                    );
-                    let action = if r.allow {
-                        acl_action::ALLOW
-                    } else {
-                        acl_action::DENY
-                    };
-                    acl.insert(
-                        &key,
-                        AclRule {
-                            rule_id: r.id,
-                            action,
-                        },
-                        0,
-                    )?;
-                }
-            }
-        }
-        {
-            let mut vips: HashMap<&mut MapData, VipKey, u32> =
-                HashMap::try_from(self.map(maps::VIPS)?)?;
-            for s in services {
-                let (words, af) = addr::to_words(s.spec.vip.ip());
-                vips.insert(
-                    VipKey {
-                        addr: words,
-                        af,
-                        _pad0: 0,
-                        _pad1: 0,
-                    },
-                    1,
-                    0,
-                )?;
-            }
+        if self.adopted {
+            self.clear_configuration()?;
         }
         for s in services {
-            self.update_service(s)?;
+            self.install_service(s)?;
         }
         Ok(())
+    }
+
+    /// Empties the service, VIP and access-rule maps and the rule counters.
+    fn clear_configuration(&mut self) -> anyhow::Result<()> {
+        let mut svc: HashMap<&mut MapData, ServiceKey, ServiceInfo> =
+            HashMap::try_from(self.map(maps::SERVICES)?)?;
+        for k in svc.keys().filter_map(Result::ok).collect::<Vec<_>>() {
+            let _ = svc.remove(&k);
+        }
+        let mut vips: HashMap<&mut MapData, VipKey, u32> =
+            HashMap::try_from(self.map(maps::VIPS)?)?;
+        for k in vips.keys().filter_map(Result::ok).collect::<Vec<_>>() {
+            let _ = vips.remove(&k);
+        }
+        let mut acl: LpmTrie<&mut MapData, AclKey, AclRule> =
+            LpmTrie::try_from(self.map(maps::ACL)?)?;
+        for k in acl.keys().filter_map(Result::ok).collect::<Vec<_>>() {
+            let _ = acl.remove(&k);
+        }
+        for id in 0..MAX_ACL_RULES {
+            self.clear_rule_hits(id)?;
+        }
+        Ok(())
+    }
+
+    /// Writes one service: its backends, access rules, VIP, Maglev table and entry.
+    pub fn install_service(&mut self, s: &PlacedService) -> anyhow::Result<()> {
+        for b in &s.backends {
+            self.set_backend(b.index, Some((b.addr, b.snat)))?;
+        }
+        for r in &s.rules {
+            self.set_rule(s.id, r, true)?;
+        }
+        let mut vips: HashMap<&mut MapData, VipKey, u32> =
+            HashMap::try_from(self.map(maps::VIPS)?)?;
+        vips.insert(vip_key(s.spec.vip), 1, 0)?;
+        self.update_service(s)
+    }
+
+    /// Removes a service's entry (no new flows; established ones keep their own state), its
+    /// access rules, and its VIP unless `vip_in_use` (another service has the same address).
+    pub fn remove_service(&mut self, s: &PlacedService, vip_in_use: bool) -> anyhow::Result<()> {
+        let mut svc_map: HashMap<&mut MapData, ServiceKey, ServiceInfo> =
+            HashMap::try_from(self.map(maps::SERVICES)?)?;
+        let _ = svc_map.remove(&service_key(s));
+        for r in &s.rules {
+            self.set_rule(s.id, r, false)?;
+        }
+        if !vip_in_use {
+            let mut vips: HashMap<&mut MapData, VipKey, u32> =
+                HashMap::try_from(self.map(maps::VIPS)?)?;
+            let _ = vips.remove(&vip_key(s.spec.vip));
+        }
+        Ok(())
+    }
+
+    /// Writes (`Some((backend, snat))`) or clears a `BACKENDS` slot, and forgets the next hop
+    /// cached for it: a reused slot must not send to the previous backend's neighbour.
+    pub fn set_backend(
+        &mut self,
+        index: u32,
+        backend: Option<(SocketAddr, std::net::IpAddr)>,
+    ) -> anyhow::Result<()> {
+        let entry = match backend {
+            Some((a, snat)) => {
+                let (words, af) = addr::to_words(a.ip());
+                Backend {
+                    addr: words,
+                    snat_addr: addr::to_words(snat).0,
+                    port: a.port().to_be(),
+                    af,
+                    _pad0: 0,
+                    _pad1: 0,
+                }
+            }
+            None => Backend::default(),
+        };
+        let mut backends: Array<&mut MapData, Backend> =
+            Array::try_from(self.map(maps::BACKENDS)?)?;
+        backends.set(index, entry, 0)?;
+        let ncpu = nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
+        let mut hops: PerCpuArray<&mut MapData, HopCache> =
+            PerCpuArray::try_from(self.map(maps::HOPS)?)?;
+        hops.set(
+            index,
+            PerCpuValues::try_from(vec![HopCache::default(); ncpu])?,
+            0,
+        )?;
+        Ok(())
+    }
+
+    /// Inserts (`present`) or removes an access rule of service `id`; a new rule's hit
+    /// counter starts at zero.
+    pub fn set_rule(&mut self, id: u32, r: &PlacedRule, present: bool) -> anyhow::Result<()> {
+        let (words, af) = addr::to_words(r.net.addr);
+        let key = Key::new(
+            32 + r.net.len as u32,
+            AclKey {
+                scope: AclKey::scope(id, af),
+                addr: words,
+            },
+        );
+        if present {
+            self.clear_rule_hits(r.id)?;
+        }
+        let mut acl: LpmTrie<&mut MapData, AclKey, AclRule> =
+            LpmTrie::try_from(self.map(maps::ACL)?)?;
+        if present {
+            let action = if r.allow {
+                acl_action::ALLOW
+            } else {
+                acl_action::DENY
+            };
+            acl.insert(
+                &key,
+                AclRule {
+                    rule_id: r.id,
+                    action,
+                },
+                0,
+            )?;
+        } else {
+            let _ = acl.remove(&key);
+        }
+        Ok(())
+    }
+
+    fn clear_rule_hits(&mut self, id: u32) -> anyhow::Result<()> {
+        let ncpu = nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
+        let mut hits: PerCpuArray<&mut MapData, u64> =
+            PerCpuArray::try_from(self.map(maps::RULE_HITS)?)?;
+        hits.set(id, PerCpuValues::try_from(vec![0u64; ncpu])?, 0)?;
+        Ok(())
+    }
+
+    /// What a previous daemon's maps say about ids still referenced by flows: services by
+    /// (protocol, VIP) and backend slots by (service id, backend address).
+    pub fn previous_layout(&mut self) -> anyhow::Result<Layout> {
+        let mut layout = Layout::default();
+        if !self.adopted {
+            return Ok(layout);
+        }
+        let svc: HashMap<&mut MapData, ServiceKey, ServiceInfo> =
+            HashMap::try_from(self.map(maps::SERVICES)?)?;
+        for (k, v) in svc.iter().filter_map(Result::ok) {
+            let vip = socket_addr(k.addr, k.af, k.port);
+            layout.services.insert((k.proto, vip), v.id);
+        }
+        for p in self.flows()? {
+            let backend = socket_addr(p.fwd.nat_dst, p.key.af, p.fwd.nat_dport);
+            layout
+                .backends
+                .insert((p.fwd.service_id, backend), p.fwd.backend_idx);
+            layout.flow_services.insert(p.fwd.service_id);
+        }
+        Ok(layout)
     }
 
     /// Writes one service's Maglev table, then its entry (backend count, generation): new
@@ -303,6 +576,19 @@ impl Dataplane {
             .collect()
     }
 
+    /// Sets the kernel's count of lost ring-buffer records back to zero, once those losses
+    /// are recorded: what the next daemon finds there happened while none ran.
+    pub fn clear_ringbuf_loss(&mut self) -> anyhow::Result<()> {
+        let ncpu = nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
+        let mut st: PerCpuArray<&mut MapData, u64> = PerCpuArray::try_from(self.map(maps::STATS)?)?;
+        st.set(
+            stat::RINGBUF_LOSS,
+            PerCpuValues::try_from(vec![0u64; ncpu])?,
+            0,
+        )?;
+        Ok(())
+    }
+
     /// Matches per access rule, summed over CPUs, indexed by rule id.
     pub fn rule_hits(&mut self, rules: u32) -> anyhow::Result<Vec<u64>> {
         let hits: PerCpuArray<&mut MapData, u64> =
@@ -316,6 +602,130 @@ impl Dataplane {
         self.ebpf
             .map_mut(name)
             .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+    }
+}
+
+/// Ids a previous daemon gave, which the flows it left still carry.
+#[derive(Debug, Default)]
+pub struct Layout {
+    /// (IP protocol number, VIP) → service id.
+    pub services: StdHashMap<(u8, SocketAddr), u32>,
+    /// (service id, backend address) → `BACKENDS` slot.
+    pub backends: StdHashMap<(u32, SocketAddr), u32>,
+    /// Service ids that live flows carry.
+    pub flow_services: std::collections::HashSet<u32>,
+}
+
+/// Pins of XDP links are named after their interface.
+const LINK_PREFIX: &str = "link-";
+
+/// The directory of this build's state, named by its layout.
+fn layout_name() -> String {
+    let sizes = [
+        std::mem::size_of::<Flow>(),
+        std::mem::size_of::<FlowKey>(),
+        std::mem::size_of::<ServiceInfo>(),
+        std::mem::size_of::<ServiceKey>(),
+        std::mem::size_of::<Backend>(),
+        std::mem::size_of::<Config>(),
+        std::mem::size_of::<ConnEvent>(),
+        std::mem::size_of::<HopCache>(),
+        MAX_SERVICES as usize,
+        MAX_BACKENDS as usize,
+        MAX_ACL_RULES as usize,
+    ];
+    let mut h: u32 = 0x811c_9dc5;
+    for b in sizes.iter().flat_map(|n| n.to_le_bytes()) {
+        h = (h ^ b as u32).wrapping_mul(0x0100_0193);
+    }
+    format!("layout-{STATE_LAYOUT}-{h:08x}")
+}
+
+/// The object's maps, by name (data sections such as `.rodata` are the program's own).
+fn map_names() -> anyhow::Result<Vec<String>> {
+    let obj = aya_obj::Object::parse(EBPF_OBJECT).context("parsing the eBPF object")?;
+    Ok(obj
+        .maps
+        .keys()
+        .filter(|n| !n.starts_with('.'))
+        .cloned()
+        .collect())
+}
+
+/// bpf(2) pins live on a bpf filesystem: make sure `dir` is on one, mounting it at
+/// `/sys/fs/bpf` when that is where it should be and nothing is mounted there yet.
+fn prepare_state_dir(dir: &Path) -> anyhow::Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let fs_type = |p: &Path| -> Option<i64> {
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).ok()?;
+        // SAFETY: zeroed statfs is a valid out-parameter; `c` is a NUL-terminated path.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: both pointers are valid for the call.
+        (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0).then_some(st.f_type as i64)
+    };
+    let existing = dir
+        .ancestors()
+        .find(|a| a.exists())
+        .unwrap_or(Path::new("/"));
+    if fs_type(existing) != Some(BPF_FS_MAGIC) {
+        let bpffs = Path::new("/sys/fs/bpf");
+        if existing == bpffs {
+            let src = c"bpf";
+            let target = c"/sys/fs/bpf";
+            // SAFETY: valid NUL-terminated strings; no data argument.
+            let rc = unsafe {
+                libc::mount(
+                    src.as_ptr(),
+                    target.as_ptr(),
+                    src.as_ptr(),
+                    0,
+                    std::ptr::null(),
+                )
+            };
+            if rc != 0 {
+                bail!(
+                    "--bpf-dir {}: /sys/fs/bpf is not a bpf filesystem and mounting one failed: {} (mount -t bpf bpf /sys/fs/bpf)",
+                    dir.display(),
+                    std::io::Error::last_os_error()
+                );
+            }
+        } else {
+            bail!(
+                "--bpf-dir {}: not on a bpf filesystem (mount -t bpf bpf {})",
+                dir.display(),
+                existing.display()
+            );
+        }
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("--bpf-dir {}", dir.display()))
+}
+
+/// Removes the pins under `state` (and the directories that held them).
+fn remove_pins(state: &Path) -> std::io::Result<()> {
+    let Ok(entries) = std::fs::read_dir(state) else {
+        return Ok(());
+    };
+    for entry in entries {
+        let path = entry?.path();
+        if path.is_dir() {
+            for pin in std::fs::read_dir(&path)? {
+                std::fs::remove_file(pin?.path())?;
+            }
+            std::fs::remove_dir(&path)?;
+        } else {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    Ok(())
+}
+
+fn vip_key(vip: SocketAddr) -> VipKey {
+    let (words, af) = addr::to_words(vip.ip());
+    VipKey {
+        addr: words,
+        af,
+        _pad0: 0,
+        _pad1: 0,
     }
 }
 

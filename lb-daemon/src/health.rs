@@ -103,8 +103,13 @@ pub struct Probe {
 }
 
 /// Starts the probes of one backend; they run until the receiver is dropped.
-pub fn spawn(service: u32, backend: SocketAddr, spec: CheckSpec, tx: mpsc::Sender<Probe>) {
-    tokio::spawn(async move {
+pub fn spawn(
+    service: u32,
+    backend: SocketAddr,
+    spec: CheckSpec,
+    tx: mpsc::Sender<Probe>,
+) -> tokio::task::AbortHandle {
+    let task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(spec.interval);
         loop {
             tick.tick().await;
@@ -125,6 +130,7 @@ pub fn spawn(service: u32, backend: SocketAddr, spec: CheckSpec, tx: mpsc::Sende
             }
         }
     });
+    task.abort_handle()
 }
 
 async fn probe(backend: SocketAddr, kind: &CheckKind) -> Result<(), String> {

@@ -94,6 +94,9 @@ fn load(services: Vec<ServiceSpec>, snat_ports: (u16, u16), conntrack: u32) -> D
         closed_linger: Duration::from_secs(10),
         maglev_table_size: 4093,
         conntrack_size: conntrack,
+        bpf_dir: lb_daemon::config::DEFAULT_BPF_DIR.into(),
+        reset_state: false,
+        on_stop: lb_daemon::config::OnStop::Detach,
     };
     let placed = balancer::place(&settings).expect("placing services");
     let mut dp =

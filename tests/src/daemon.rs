@@ -129,6 +129,17 @@ impl Daemon {
         if !args.iter().any(|a| a.starts_with("--control-socket")) {
             args.push(format!("--control-socket=/run/lb-tests/{ns}.sock"));
         }
+        // ... and a kernel-state directory of their own, removed with the namespace.
+        if !args.iter().any(|a| a.starts_with("--bpf-dir")) {
+            args.push(format!(
+                "--bpf-dir={}",
+                crate::netns::bpf_dir(ns)?.display()
+            ));
+        }
+        // Tests count every flow's close at stop, unless they test the hand-over itself.
+        if !args.iter().any(|a| a.starts_with("--on-stop")) {
+            args.push("--on-stop=detach".into());
+        }
         let mut child = Command::new("ip")
             .args(["netns", "exec", ns])
             .arg(&exe)

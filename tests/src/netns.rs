@@ -115,6 +115,9 @@ pub fn remove_stale_namespaces() -> Vec<String> {
         };
         let dead =
             pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists();
+        if dead {
+            remove_bpf_dir(&name);
+        }
         if dead
             && Command::new("ip")
                 .args(["netns", "del", &name])
@@ -193,8 +196,50 @@ impl Netns {
     }
 }
 
+/// A bpf filesystem of the harness's own: the daemon of a test pins its kernel state in the
+/// directory named after its namespace ([`bpf_dir`]), and the namespace's deletion removes it.
+pub const BPF_ROOT: &str = "/run/lb-tests/bpf";
+
+/// The state directory (`--bpf-dir`) for a daemon in namespace `ns`, mounting the harness's
+/// bpf filesystem first when needed.
+pub fn bpf_dir(ns: &str) -> Result<std::path::PathBuf> {
+    static MOUNT: Mutex<()> = Mutex::new(());
+    let _once = MOUNT.lock().unwrap_or_else(|p| p.into_inner());
+    let mounted = std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(BPF_ROOT) && l.contains(" bpf "));
+    if !mounted {
+        std::fs::create_dir_all(BPF_ROOT).with_context(|| format!("creating {BPF_ROOT}"))?;
+        run_cmd(Command::new("mount").args(["-t", "bpf", "bpf", BPF_ROOT]))
+            .with_context(|| format!("mounting a bpf filesystem at {BPF_ROOT}"))?;
+    }
+    Ok(std::path::Path::new(BPF_ROOT).join(ns))
+}
+
+/// Removes what a daemon pinned for namespace `ns` (its program stays attached until then).
+pub fn remove_bpf_dir(ns: &str) {
+    let dir = std::path::Path::new(BPF_ROOT).join(ns);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            for pin in std::fs::read_dir(&path).into_iter().flatten().flatten() {
+                let _ = std::fs::remove_file(pin.path());
+            }
+            let _ = std::fs::remove_dir(&path);
+        } else {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+    let _ = std::fs::remove_dir(&dir);
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
+        remove_bpf_dir(&self.name);
         match Command::new("ip")
             .args(["netns", "del", &self.name])
             .output()

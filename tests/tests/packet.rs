@@ -109,6 +109,9 @@ fn settings(services: Vec<ServiceSpec>, maglev: u32) -> Settings {
         closed_linger: Duration::from_secs(10),
         maglev_table_size: maglev,
         conntrack_size: 65536,
+        bpf_dir: lb_daemon::config::DEFAULT_BPF_DIR.into(),
+        reset_state: false,
+        on_stop: lb_daemon::config::OnStop::Detach,
     }
 }
 

@@ -266,7 +266,7 @@ fn config_at(dir: &std::path::Path, at: Option<&str>) -> anyhow::Result<()> {
             }
             Event::ConfigChange(c) => {
                 if let Some(cfg) = &mut config {
-                    apply_change(cfg, &c.action, &c.target, &c.after);
+                    lb_daemon::history::apply_change(cfg, c);
                     generation = c.generation_after;
                 }
             }
@@ -279,35 +279,6 @@ fn config_at(dir: &std::path::Path, at: Option<&str>) -> anyhow::Result<()> {
     config["config_generation"] = generation.into();
     println!("{}", serde_json::to_string_pretty(&config)?);
     Ok(())
-}
-
-/// Applies one recorded change to the configuration it was made on. Backend changes have the
-/// target `SERVICE IP:PORT` and an `after` of the backend's changed fields.
-fn apply_change(cfg: &mut serde_json::Value, action: &str, target: &str, after: &str) {
-    let Some((service, backend)) = target.split_once(' ') else {
-        return;
-    };
-    let Ok(after) = serde_json::from_str::<serde_json::Value>(after) else {
-        return;
-    };
-    if !action.starts_with("backend.") {
-        return;
-    }
-    let Some(services) = cfg["services"].as_array_mut() else {
-        return;
-    };
-    for s in services.iter_mut().filter(|s| s["name"] == service) {
-        for b in s["backends"]
-            .as_array_mut()
-            .into_iter()
-            .flatten()
-            .filter(|b| b["addr"] == backend)
-        {
-            for (k, v) in after.as_object().into_iter().flatten() {
-                b[k] = v.clone();
-            }
-        }
-    }
 }
 
 fn stats(dir: &std::path::Path, filter: &Filter, top: usize) -> anyhow::Result<()> {
