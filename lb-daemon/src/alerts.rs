@@ -6,7 +6,9 @@
 //! - every refused control request.
 //!
 //! A rule fires once per source per window. An alert is an `alert` record, a log line, and,
-//! with `--alert-exec CMD`, a command run with the alert as JSON on its stdin.
+//! with `--alert-exec CMD`, a command run with the alert as JSON on its stdin. With
+//! `--alert-block DUR`, a client address that trips `denied` or `burst` is also refused in the
+//! kernel for DUR ([`crate::blocks`]); the alert's `action` says so.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -97,6 +99,16 @@ pub struct Rules {
     pub burst: Option<Threshold>,
     pub outside_hours: Option<Hours>,
     pub exec: Option<String>,
+    /// How long a source that trips `denied` or `burst` is refused in the kernel.
+    #[serde(serialize_with = "opt_secs")]
+    pub block: Option<Duration>,
+}
+
+fn opt_secs<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_f64(d.as_secs_f64()),
+        None => s.serialize_none(),
+    }
 }
 
 /// Sources tracked per rule at most; beyond, the quietest are forgotten.
@@ -150,6 +162,8 @@ pub struct Engine {
     burst: Window,
     outside: Window,
     pending: Vec<Alert>,
+    /// Client addresses to refuse in the kernel (`--alert-block`).
+    blocks: Vec<IpAddr>,
 }
 
 impl Engine {
@@ -167,6 +181,7 @@ impl Engine {
                 if let Some(t) = self.rules.denied {
                     let ip = d.client.ip();
                     if self.denied.hit(ip, time_ns, d.suppressed, &t) {
+                        let action = self.block(ip);
                         self.pending.push(Alert {
                             rule: "denied".into(),
                             source: Some(ip.to_string()),
@@ -178,25 +193,26 @@ impl Engine {
                                 d.vip,
                                 d.reason.name()
                             ),
-                            action: None,
+                            action,
                         });
                     }
                 }
             }
             Event::ConnOpen(o) => {
                 let ip = o.client.ip();
-                if let Some(t) = self.rules.burst {
-                    if self.burst.hit(ip, time_ns, 0, &t) {
-                        self.pending.push(Alert {
-                            rule: "burst".into(),
-                            source: Some(ip.to_string()),
-                            message: format!(
-                                "{ip} opened {} flows within {:?} (last to {} {})",
-                                t.count, t.window, o.service, o.vip
-                            ),
-                            action: None,
-                        });
-                    }
+                if let Some(t) = self.rules.burst
+                    && self.burst.hit(ip, time_ns, 0, &t)
+                {
+                    let action = self.block(ip);
+                    self.pending.push(Alert {
+                        rule: "burst".into(),
+                        source: Some(ip.to_string()),
+                        message: format!(
+                            "{ip} opened {} flows within {:?} (last to {} {})",
+                            t.count, t.window, o.service, o.vip
+                        ),
+                        action,
+                    });
                 }
                 if let Some(h) = self.rules.outside_hours {
                     let minute = local_minute_of_day(time_ns);
@@ -229,6 +245,18 @@ impl Engine {
 
     pub fn take(&mut self) -> Vec<Alert> {
         std::mem::take(&mut self.pending)
+    }
+
+    /// The sources to block that alerts asked for since the last call.
+    pub fn take_blocks(&mut self) -> Vec<IpAddr> {
+        std::mem::take(&mut self.blocks)
+    }
+
+    /// With `--alert-block`, queues `ip` for blocking and says so for the alert's `action`.
+    fn block(&mut self, ip: IpAddr) -> Option<String> {
+        let d = self.rules.block?;
+        self.blocks.push(ip);
+        Some(format!("blocked in the kernel for {}s", d.as_secs()))
     }
 }
 

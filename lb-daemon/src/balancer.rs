@@ -47,12 +47,20 @@ pub struct PlacedRule {
     pub id: u32,
     pub net: Cidr,
     pub allow: bool,
+    /// A temporary deny of one address an alert asked for (`--alert-block`), not configuration.
+    pub block: bool,
 }
 
 impl PlacedRule {
-    /// How deny records and counters name the rule, e.g. `deny 10.1.2.0/24`.
+    /// How deny records and counters name the rule, e.g. `deny 10.1.2.0/24`, or
+    /// `block 10.1.2.3/32` for an alert's block.
     pub fn describe(&self) -> String {
-        format!("{} {}", if self.allow { "allow" } else { "deny" }, self.net)
+        let kind = match (self.block, self.allow) {
+            (true, _) => "block",
+            (false, true) => "allow",
+            (false, false) => "deny",
+        };
+        format!("{kind} {}", self.net)
     }
 }
 
@@ -145,6 +153,7 @@ pub fn place_after(settings: &Settings, previous: &Layout) -> anyhow::Result<Vec
                     id: rid,
                     net,
                     allow,
+                    block: false,
                 });
             }
         }

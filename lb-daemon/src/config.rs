@@ -81,6 +81,11 @@ pub struct Args {
     #[arg(long = "alert-exec", value_name = "CMD")]
     pub alert_exec: Option<String>,
 
+    /// Refuse a client address in the kernel for DURATION when it trips --alert-denied or
+    /// --alert-burst (on every service of its address family), e.g. 10m.
+    #[arg(long = "alert-block", value_name = "DURATION", value_parser = parse_duration)]
+    pub alert_block: Option<Duration>,
+
     /// Ship every audit record to a collector (repeatable): `tcp://HOST:PORT` (JSON lines) or
     /// `syslog+tcp://HOST:PORT` (RFC 5424), at least once, resuming after outages and restarts.
     #[arg(long = "export", value_name = "TARGET", value_parser = clap::value_parser!(crate::export::Target))]
@@ -477,6 +482,7 @@ impl Args {
                 burst: self.alert_burst,
                 outside_hours: self.alert_outside_hours,
                 exec: self.alert_exec,
+                block: self.alert_block,
             },
             roles: self.roles,
             audit: AuditSettings {

@@ -158,6 +158,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
         count: 0,
         since: SystemTime::now(),
     };
+    let mut blocks = crate::blocks::Blocks::default();
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
     let mut neigh = tokio::time::interval(NEIGHBOR_REFRESH);
     neigh.tick().await; // the first tick is immediate; neighbours were just primed
@@ -170,12 +171,16 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
                 guard.clear_ready();
                 audit.sync();
                 audit.apply(&mut dp)?;
+                if let Some(length) = settings.alerts.block {
+                    blocks.add(audit.take_blocks(), length, &mut services, &mut names, &mut dp)?;
+                }
             }
             _ = sweep.tick() => {
                 audit.retry();
                 sweep_flows(&mut dp, &mut audit, &names, &settings)?;
                 report_drained(&mut dp, &services, &mut audit, &mut control_state)?;
                 record_kernel_loss(&mut dp, &mut audit, &mut loss_seen)?;
+                blocks.expire(&mut services, &mut dp)?;
                 audit.sync();
                 audit.apply(&mut dp)?;
             }

@@ -98,6 +98,11 @@ impl Journal {
         }
     }
 
+    /// Client addresses that alerts asked to block (`--alert-block`), once each.
+    pub fn take_blocks(&mut self) -> Vec<std::net::IpAddr> {
+        self.alerts.take_blocks()
+    }
+
     /// Makes written records durable (as the fsync policy says), after turning the alerts the
     /// records since the last sync raised into `alert` records, log lines and `--alert-exec`.
     pub fn sync(&mut self) {

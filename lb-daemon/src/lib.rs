@@ -17,10 +17,12 @@
 //! - [`daemon`]: the run loop tying kernel records to the audit log;
 //! - [`journal`]: writing the audit log under the failure policy (fail-open / fail-closed);
 //! - [`alerts`]: monitoring rules on the live record stream;
+//! - [`blocks`]: refusing, for a while, the sources alerts name (`--alert-block`);
 //! - [`audit`]: the binary, tamper-evident log and its reader.
 pub mod alerts;
 pub mod audit;
 pub mod balancer;
+pub mod blocks;
 pub mod cli;
 pub mod config;
 pub mod control;

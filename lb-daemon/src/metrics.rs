@@ -108,8 +108,8 @@ pub fn render(s: &Snapshot) -> String {
     for (svc, be, c) in &s.active {
         let a = active.entry((svc.clone(), be.clone())).or_default();
         a.0 += 1;
-        for i in 0..4 {
-            a.1[i] += c[i];
+        for (sum, v) in a.1.iter_mut().zip(c) {
+            *sum += v;
         }
     }
     gauge(

@@ -525,8 +525,15 @@ fn acl_change(call: &control::Call, p: &mut Plane<'_>) -> Result<Value, Refused>
         )
         .ok_or_else(|| invalid("no free rule id"))?;
         commit(call, p, name.clone(), Value::Null, rule)?;
-        let placed = PlacedRule { id, net, allow };
+        let placed = PlacedRule {
+            id,
+            net,
+            allow,
+            block: false,
+        };
         let s = &mut p.services[i];
+        // The configured rule takes the place of an alert's block of the same address.
+        s.rules.retain(|r| !(r.block && r.net == net));
         if allow {
             s.spec.allow.push(net);
         } else {
@@ -540,13 +547,13 @@ fn acl_change(call: &control::Call, p: &mut Plane<'_>) -> Result<Value, Refused>
         let r = p.services[i]
             .rules
             .iter()
-            .position(|r| r.allow == allow && r.net == net)
+            .position(|r| !r.block && r.allow == allow && r.net == net)
             .ok_or_else(|| invalid(format!("{name} has no rule '{kind} {net}'")))?;
         commit(call, p, name.clone(), rule, Value::Null)?;
         let s = &mut p.services[i];
         let placed = s.rules.remove(r);
-        s.spec.allow.retain(|n| !(allow && *n == net));
-        s.spec.deny.retain(|n| !(!allow && *n == net));
+        s.spec.allow.retain(|n| !allow || *n != net);
+        s.spec.deny.retain(|n| allow || *n != net);
         let sid = s.id;
         p.dp.set_rule(sid, &placed, false).map_err(kernel)?;
     }

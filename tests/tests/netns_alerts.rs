@@ -115,3 +115,65 @@ fn alerts_fire_on_denials_bursts_hours_and_control() {
     );
     assert!(from_exec.iter().all(|a| a["kind"] == "alert"));
 }
+
+/// `--alert-block`: a source that trips `--alert-denied` is refused on every service for the
+/// block's length (the alert says so, refusals name the block), then let in again.
+#[test]
+fn an_alerting_source_is_blocked_for_a_while() {
+    if !require_root("an_alerting_source_is_blocked_for_a_while") {
+        return;
+    }
+    let t = Topology::balancer("block").expect("topology");
+    let dir = TempDir::new("block").unwrap();
+    let [a1, a2] = Topology::backends();
+    let _s1 = EchoServer::start(t.ns("backend1").name(), a1).unwrap();
+    let _s2 = EchoServer::start(t.ns("backend2").name(), a2).unwrap();
+    let mut args = Topology::daemon_args(&dir.path().join("audit"));
+    args.extend([
+        "--service=adm=tcp:10.0.0.100:22".into(),
+        format!("--backend=adm={a1}"),
+        "--allow=adm=10.9.0.0/16".into(),
+        "--alert-denied=3/30s".into(),
+        "--alert-block=4s".into(),
+        format!(
+            "--control-socket={}",
+            dir.path().join("control.sock").display()
+        ),
+    ]);
+    let mut daemon = lb_tests::Daemon::spawn(t.ns("lb").name(), &args).expect("daemon");
+    daemon.wait_ready(Duration::from_secs(20)).expect("ready");
+    let web = |limit| echo_exchange(Topology::vip(), b"hello", limit).is_ok();
+    let (blocked, lifted_after) = t.ns("client").enter(|| {
+        assert!(web(Duration::from_secs(2)), "web works before");
+        for _ in 0..4 {
+            let _ = TcpStream::connect_timeout(
+                &"10.0.0.100:22".parse().unwrap(),
+                Duration::from_millis(600),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let blocked = !web(Duration::from_millis(800));
+        let start = std::time::Instant::now();
+        while !web(Duration::from_millis(500)) && start.elapsed() < Duration::from_secs(15) {}
+        (blocked, start.elapsed())
+    });
+    daemon.stop(Duration::from_secs(10)).unwrap();
+    assert!(blocked, "the alerting source was refused on web too");
+    assert!(
+        lifted_after < Duration::from_secs(15),
+        "the block was lifted ({lifted_after:?})"
+    );
+    let log = read_audit(&dir.path().join("audit")).unwrap();
+    let alert = of_kind(&log, "alert")
+        .into_iter()
+        .find(|a| a["rule"] == "denied")
+        .cloned()
+        .expect("a denied alert");
+    assert_eq!(alert["action"], "blocked in the kernel for 4s");
+    assert!(
+        of_kind(&log, "conn_deny")
+            .iter()
+            .any(|d| d["service"] == "web" && d["rule"] == "block 10.0.1.2/32"),
+        "refusals name the block"
+    );
+}

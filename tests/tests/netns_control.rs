@@ -266,3 +266,233 @@ fn config_at(audit: &Path, at: Option<&str>) -> serde_json::Value {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     serde_json::from_slice(&o.stdout).unwrap()
 }
+
+/// Services, backends and access rules change at run time through `lbctl`: traffic follows
+/// each change, an operator may not make them, bad ones are refused as invalid, and the
+/// configuration rebuilt from the log matches what the daemon reports.
+#[test]
+fn run_time_changes_take_effect_and_the_log_rebuilds_them() {
+    if !require_root("run_time_changes_take_effect_and_the_log_rebuilds_them") {
+        return;
+    }
+    let t = Topology::balancer("chg").expect("topology");
+    let dir = TempDir::new("chg").unwrap();
+    let socket = dir.path().join("control.sock");
+    let [a1, a2] = Topology::backends();
+    let s1 = EchoServer::start(t.ns("backend1").name(), a1).unwrap();
+    let s2 = EchoServer::start(t.ns("backend2").name(), a2).unwrap();
+    let other = std::net::SocketAddr::new(a1.ip(), 8081);
+    let s3 = EchoServer::start(t.ns("backend1").name(), other).unwrap();
+    let audit = dir.path().join("audit");
+    let mut args = Topology::daemon_args(&audit);
+    args.extend([
+        format!("--control-socket={}", socket.display()),
+        "--role=operator=user:nobody".into(),
+    ]);
+    let mut daemon = t.spawn_daemon(&args).expect("daemon");
+    daemon.wait_ready(Duration::from_secs(20)).expect("ready");
+    Command::new("chgrp")
+        .arg("65534")
+        .arg(&socket)
+        .status()
+        .unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let ok = |args: &[&str]| {
+        let (code, out, err) = lbctl(&socket, 0, args);
+        assert_eq!(code, 0, "lbctl {args:?}: {out}{err}");
+    };
+    let exchanges = |target: std::net::SocketAddr, n: usize| {
+        t.ns("client").enter(|| {
+            (0..n)
+                .filter(|i| {
+                    echo_exchange(target, &[*i as u8; 32], Duration::from_secs(2))
+                        .is_ok_and(|e| e.received.len() == 32)
+                })
+                .count()
+        })
+    };
+
+    // Without backend2, every new flow goes to backend1.
+    ok(&["backend", "remove", "web", &a2.to_string()]);
+    let before = (s1.accepted(), s2.accepted());
+    assert_eq!(exchanges(Topology::vip(), 10), 10);
+    assert_eq!(
+        (s1.accepted() - before.0, s2.accepted() - before.1),
+        (10, 0)
+    );
+    ok(&["backend", "add", "web", &a2.to_string(), "--weight", "3"]);
+    let before = s2.accepted();
+    assert_eq!(exchanges(Topology::vip(), 20), 20);
+    assert!(s2.accepted() > before, "backend2 is back in rotation");
+
+    // A service added at run time carries traffic; removed, it stops taking new flows.
+    let vip2 = std::net::SocketAddr::new(Topology::vip().ip(), 8081);
+    ok(&[
+        "service",
+        "add",
+        "api",
+        &format!("tcp:{vip2}"),
+        "--rate-limit",
+        "1000/s",
+    ]);
+    ok(&["backend", "add", "api", &other.to_string()]);
+    assert_eq!(exchanges(vip2, 5), 5);
+    assert_eq!(s3.accepted(), 5);
+
+    // An access rule added at run time refuses the client; removed, it lets it in again.
+    ok(&["acl", "add", "web", "deny", "10.0.1.0/24"]);
+    assert_eq!(exchanges(Topology::vip(), 1), 0);
+    ok(&["acl", "remove", "web", "deny", "10.0.1.0/24"]);
+    assert_eq!(exchanges(Topology::vip(), 3), 3);
+    ok(&["acl", "add", "api", "allow", "10.0.1.2/32"]);
+    ok(&["backend", "disable", "api", &other.to_string()]);
+    assert_eq!(exchanges(vip2, 1), 0, "no backend in rotation");
+    ok(&["backend", "enable", "api", &other.to_string()]);
+    assert_eq!(exchanges(vip2, 2), 2);
+
+    // An operator may disable but not add; bad requests are invalid, not refused.
+    let (code, _, err) = lbctl(&socket, 65534, &["backend", "add", "web", "10.0.2.2:9999"]);
+    assert_eq!(code, 3, "{err}");
+    assert_eq!(
+        lbctl(
+            &socket,
+            65534,
+            &["backend", "disable", "web", &a1.to_string()]
+        )
+        .0,
+        0
+    );
+    assert_eq!(
+        lbctl(
+            &socket,
+            65534,
+            &["backend", "enable", "web", &a1.to_string()]
+        )
+        .0,
+        0
+    );
+    for bad in [
+        &["backend", "add", "web", &a1.to_string()][..],
+        &["backend", "add", "web", "[fd00::1]:80"],
+        &["backend", "add", "nope", "10.0.2.2:80"],
+        &["service", "add", "web", "tcp:10.0.0.101:80"],
+        &["service", "add", "dup", &format!("tcp:{}", Topology::vip())],
+        &["service", "add", "bad", "sctp:10.0.0.101:80"],
+        &["acl", "add", "web", "deny", "10.0.1.1/24"],
+        &["acl", "remove", "web", "allow", "10.0.0.0/8"],
+        &["backend", "remove", "web", "10.0.9.9:80"],
+    ] {
+        let (code, out, err) = lbctl(&socket, 0, bad);
+        assert_eq!(code, 4, "lbctl {bad:?}: {out}{err}");
+    }
+
+    // What the daemon reports now...
+    let (code, out, _) = lbctl(&socket, 0, &["--json", "services"]);
+    assert_eq!(code, 0);
+    let live: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let backends_of = |svc: &str| -> Vec<(String, u64)> {
+        let (code, out, _) = lbctl(&socket, 0, &["--json", "backends", svc]);
+        assert_eq!(code, 0);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let mut b: Vec<_> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| {
+                (
+                    b["backend"].as_str().unwrap().to_string(),
+                    b["weight"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        b.sort();
+        b
+    };
+    let live_backends = [backends_of("web"), backends_of("api")];
+    ok(&["service", "remove", "api"]);
+    assert_eq!(exchanges(vip2, 1), 0, "a removed service takes no new flow");
+    daemon.stop(Duration::from_secs(10)).unwrap();
+
+    // ...is what the log alone rebuilds, at that moment and after the removal.
+    let log = read_audit(&audit).unwrap();
+    let changes = of_kind(&log, "config_change");
+    let after_removal = changes.last().unwrap()["time"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let cfg_then = config_at(&audit, Some(&after_removal));
+    let services_then = cfg_then["services"].as_array().unwrap();
+    // `--at` includes the change made at that instant: rebuild without the last one too.
+    let rebuilt = |cfg: &serde_json::Value, name: &str| -> Vec<(String, u64)> {
+        let s = cfg["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {cfg}"));
+        let mut b: Vec<_> = s["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| {
+                (
+                    b["addr"].as_str().unwrap().to_string(),
+                    b["weight"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        b.sort();
+        b
+    };
+    assert!(
+        services_then.iter().all(|s| s["name"] != "api"),
+        "{cfg_then}"
+    );
+    let second_last = changes[changes.len() - 2]["time"].as_str().unwrap();
+    let cfg = config_at(&audit, Some(second_last));
+    assert_eq!(
+        [rebuilt(&cfg, "web"), rebuilt(&cfg, "api")],
+        live_backends,
+        "{cfg}"
+    );
+    let api = cfg["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "api")
+        .unwrap();
+    assert_eq!(api["vip"], vip2.to_string());
+    assert_eq!(api["rate_limit"], 1000);
+    assert_eq!(api["allow"], serde_json::json!(["10.0.1.2/32"]));
+    let web = &cfg["services"][0];
+    assert_eq!(web["deny"], serde_json::json!([]));
+    let live_names: Vec<&str> = live
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(live_names, ["web", "api"]);
+    assert_eq!(
+        cfg["config_generation"].as_u64(),
+        Some(changes.len() as u64),
+        "one generation per change"
+    );
+    // The refusal of the operator's `backend add` is on record, with what was attempted.
+    let denied = of_kind(&log, "control_denied");
+    assert_eq!(denied.len(), 1);
+    assert_eq!(denied[0]["action"], "backend.add");
+    assert_eq!(denied[0]["target"], "web 10.0.2.2:9999");
+    // The client refused by the run-time rule was recorded with that rule.
+    let denies = of_kind(&log, "conn_deny");
+    assert!(
+        denies.iter().any(|d| d["service"] == "web"
+            && d["reason"] == "acl"
+            && d["rule"] == "deny 10.0.1.0/24"),
+        "{denies:?}"
+    );
+}
