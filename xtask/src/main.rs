@@ -72,8 +72,10 @@ enum Cmd {
         #[arg(long, value_name = "xz|gzip|none", default_value = "xz", value_parser = ["xz", "gzip", "none"])]
         compress: String,
     },
-    /// Setup, build, and show lb at work on a topology of network namespaces: TCP connections
-    /// through the balancer, then the decoded audit log. Needs root; cleans up after itself.
+    /// Setup, build, and show lb at work on a topology of network namespaces: TCP and UDP
+    /// traffic, a denied client and its alert, a backend failing and recovering, a drain, a
+    /// refused lbctl request, then lb-audit read, stats and verify on the log. Needs root;
+    /// cleans up after itself.
     Demo,
     /// Setup, then the benchmarks (need root): the data-plane benchmark (per-packet cost of the
     /// XDP program with BPF_PROG_TEST_RUN) and the peers benchmark (lb against kernel DNAT,
