@@ -79,7 +79,7 @@ pub fn dist(opts: &Options) -> Result<PathBuf> {
         let p = bin_dir.join(b);
         if !p.is_file() {
             bail!(
-                "{} not found: build the binaries first (`cargo xtask build`, or `--release`)",
+                "{} not found: build the binaries first (`cargo xtask build [--release]`), or leave out --bin-dir to build the release binaries",
                 p.display()
             );
         }
