@@ -7,9 +7,14 @@
 //! - `bench [--dataplane] [--peers] [--quick] [-- ARGS]`: setup, then the data-plane benchmark
 //!   and the peers benchmark (lb against kernel DNAT, HAProxy and nginx stream on one
 //!   namespace topology); both without a flag;
+//! - `dist [--bin-dir DIR] [--out-dir DIR] [--compress xz|gzip|none]`: a Debian package (binaries, systemd unit, default
+//!   environment file, man pages, shell completions, documentation), `target/dist/lb_*.deb`;
 //! - `demo`: setup, build, a client → balancer → two backends topology in network namespaces,
-//!   the daemon, some TCP traffic, the decoded audit log; everything removed afterwards.
+//!   the daemon, TCP and UDP traffic, refusals, a backend failing and recovering, a drain, a
+//!   refused control request, an alert, then `lb-audit stats` and `verify`; everything removed
+//!   afterwards.
 mod demo;
+mod dist;
 mod setup;
 
 use std::{
@@ -34,7 +39,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install what building and testing need, when missing: nightly + rust-src, bpf-linker
-    /// matching the nightly's LLVM, ip and ethtool.
+    /// matching the nightly's LLVM, and the system tools the tests use (ip, ethtool, setpriv,
+    /// dpkg-deb, binutils, man).
     Setup {
         /// Also the peers of the benchmark (Debian packages nftables, haproxy, nginx-light,
         /// libnginx-mod-stream), when missing.
@@ -52,8 +58,24 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Setup, build, and show lb at work on a topology of network namespaces: TCP connections
-    /// through the balancer, then the decoded audit log. Needs root; cleans up after itself.
+    /// Build a Debian package: the release binaries (or those of --bin-dir), the systemd unit,
+    /// /etc/default/lb-daemon, man pages and shell completions generated from the command
+    /// lines, and the documentation. Prints the path of the .deb (target/dist by default).
+    Dist {
+        /// Package the binaries in DIR (e.g. target/debug) instead of building release ones.
+        #[arg(long, value_name = "DIR")]
+        bin_dir: Option<PathBuf>,
+        /// Where to write the package (default: target/dist).
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+        /// Compression of the package's data: xz (smallest), gzip (faster), none.
+        #[arg(long, value_name = "xz|gzip|none", default_value = "xz", value_parser = ["xz", "gzip", "none"])]
+        compress: String,
+    },
+    /// Setup, build, and show lb at work on a topology of network namespaces: TCP and UDP
+    /// traffic, a denied client and its alert, a backend failing and recovering, a drain, a
+    /// refused lbctl request, then lb-audit read, stats and verify on the log. Needs root;
+    /// cleans up after itself.
     Demo,
     /// Setup, then the benchmarks (need root): the data-plane benchmark (per-packet cost of the
     /// XDP program with BPF_PROG_TEST_RUN) and the peers benchmark (lb against kernel DNAT,
@@ -225,6 +247,16 @@ fn main() -> ExitCode {
         }),
         Cmd::Build { release } => setup::setup().and_then(|()| build(release)),
         Cmd::Test { args } => test(&args),
+        Cmd::Dist {
+            bin_dir,
+            out_dir,
+            compress,
+        } => dist::dist(&dist::Options {
+            bin_dir,
+            out_dir,
+            compress,
+        })
+        .map(|deb| println!("{}", deb.display())),
         Cmd::Demo => demo::demo(),
         Cmd::Bench {
             dataplane,

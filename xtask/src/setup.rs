@@ -5,8 +5,10 @@
 //! 2. bpf-linker built for the nightly rustc's LLVM major version. Recipe (a): bpf-linker 0.13.0
 //!    linked against the nightly toolchain's own `libLLVM.so` (about a minute); recipe (b), if
 //!    (a) fails: bpf-linker 0.10.4 with its bundled LLVM (several minutes);
-//! 3. the system tools the namespace tests use: `ip` (iproute2) and `ethtool`, installed with
-//!    apt-get when running as root;
+//! 3. the system tools the tests use, installed with apt-get when running as root: `ip`
+//!    (iproute2) and `ethtool` for the namespace tests; `setpriv` (util-linux) for control
+//!    requests as an unprivileged user; `dpkg-deb`, `strip`/`readelf`/`objdump` (binutils) and
+//!    `man` (man-db) for the package and its test;
 //! 4. only with `--bench-tools` (and for `cargo xtask bench --peers`): the peers the benchmark
 //!    compares lb with, from Debian packages: nftables, haproxy, nginx-light,
 //!    libnginx-mod-stream ([`bench_tools`]).
@@ -292,7 +294,16 @@ fn install_linked_to_nightly(n: &Nightly) -> Result<()> {
 }
 
 fn system_tools() -> Result<()> {
-    let tools = [("ip", "iproute2"), ("ethtool", "ethtool")];
+    let tools = [
+        ("ip", "iproute2"),
+        ("ethtool", "ethtool"),
+        ("setpriv", "util-linux"),
+        ("dpkg-deb", "dpkg"),
+        ("strip", "binutils"),
+        ("readelf", "binutils"),
+        ("objdump", "binutils"),
+        ("man", "man-db"),
+    ];
     let missing: Vec<(&str, &str)> = tools
         .iter()
         .copied()
@@ -306,7 +317,9 @@ fn system_tools() -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    let pkgs: Vec<&str> = missing.iter().map(|(_, p)| *p).collect();
+    let mut pkgs: Vec<&str> = missing.iter().map(|(_, p)| *p).collect();
+    pkgs.sort_unstable();
+    pkgs.dedup();
     let by_hand = format!(
         "install them with `apt-get install -y {}` (as root)",
         pkgs.join(" ")
