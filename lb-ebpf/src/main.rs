@@ -945,9 +945,9 @@ fn snat_mark(slot: u32, owner: u32, now: u32) {
     }
 }
 
-/// How long ago (`snat_clock` units) (backend, SNAT port) was last used, or 0 when it may be
-/// taken at once: never used, used longer than `SNAT_HOLD` ago, or last used by this very
-/// client 5-tuple (whose next SYN the backend's TIME_WAIT accepts).
+/// How much longer (`snat_clock` units) (backend, SNAT port) is held from the client 5-tuple
+/// `owner`, or 0 when it may be taken at once: never used, used longer than `SNAT_HOLD` ago,
+/// or last used by this very client 5-tuple (whose next SYN the backend's TIME_WAIT accepts).
 #[inline(always)]
 fn snat_held(slot: u32, owner: u32, now: u32) -> u32 {
     let Some(h) = SNAT_HISTORY.get_ptr(slot) else {
