@@ -32,8 +32,8 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_ANY, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, bpf_fib_lookup, xdp_action},
     helpers::{
-        bpf_fib_lookup as fib_lookup, bpf_get_prandom_u32, bpf_get_smp_processor_id,
-        bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns, bpf_redirect,
+        bpf_fib_lookup as fib_lookup, bpf_get_smp_processor_id, bpf_ktime_get_boot_ns,
+        bpf_ktime_get_coarse_ns, bpf_redirect,
     },
     macros::{map, xdp},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
