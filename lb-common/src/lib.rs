@@ -29,6 +29,10 @@ pub const SOURCES_MAX: u32 = 65_536;
 /// Default connection-tracking capacity in connections (the `FLOWS` map holds two entries,
 /// one per direction, for each).
 pub const CONNTRACK_MAX: u32 = 262_144;
+/// Slots of the `SNAT_HISTORY` array (a power of two): when each (backend, SNAT port) was last
+/// used by a TCP flow, so that a port is not handed to another client while the backend may
+/// hold the old connection in TIME_WAIT.
+pub const SNAT_HISTORY_SLOTS: u32 = 1 << 20;
 /// Ring buffer size in bytes (power of two, multiple of the page size).
 pub const EVENTS_RING_BYTES: u32 = 1 << 24;
 
@@ -47,6 +51,7 @@ pub mod maps {
     pub const ACL: &str = "ACL";
     pub const RULE_HITS: &str = "RULE_HITS";
     pub const SOURCES: &str = "SOURCES";
+    pub const SNAT_HISTORY: &str = "SNAT_HISTORY";
 }
 
 /// Name of the XDP program in the object.

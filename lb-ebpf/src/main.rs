@@ -32,8 +32,8 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_ANY, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, bpf_fib_lookup, xdp_action},
     helpers::{
-        bpf_fib_lookup as fib_lookup, bpf_get_prandom_u32, bpf_get_smp_processor_id,
-        bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns, bpf_redirect,
+        bpf_fib_lookup as fib_lookup, bpf_get_smp_processor_id, bpf_ktime_get_boot_ns,
+        bpf_ktime_get_coarse_ns, bpf_redirect,
     },
     macros::{map, xdp},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
@@ -42,9 +42,9 @@ use aya_ebpf::{
 use lb_common::{
     ACL_LOOKUP_PREFIX, AF_INET, AF_INET6, AclKey, AclRule, Backend, CONNTRACK_MAX, Config,
     ConnEvent, EVENTS_RING_BYTES, Flow, FlowKey, HopCache, MAGLEV_TABLE_SIZE, MAX_ACL_RULES,
-    MAX_BACKENDS, MAX_SERVICES, NextHop, PROTO_TCP, PROTO_UDP, SOURCES_MAX, ServiceInfo,
-    ServiceKey, SourceKey, SourceState, VipKey, acl_action, close_reason, config_flags,
-    deny_reason, event_kind, flow_dir, flow_state, open_reason, service_flags, stat,
+    MAX_BACKENDS, MAX_SERVICES, NextHop, PROTO_TCP, PROTO_UDP, SNAT_HISTORY_SLOTS, SOURCES_MAX,
+    ServiceInfo, ServiceKey, SourceKey, SourceState, VipKey, acl_action, close_reason,
+    config_flags, deny_reason, event_kind, flow_dir, flow_state, open_reason, service_flags, stat,
 };
 
 use headers::*;
@@ -81,6 +81,12 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[map]
 static FLOW_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+/// Per (backend, SNAT port) slot, when a TCP flow last took or released it and which client
+/// 5-tuple that was (`snat_mark`): a port stays out of use for other clients while the
+/// backend may still hold the old connection in TIME_WAIT. Slots are shared by hashing; a
+/// shared slot can only keep a port out of use longer, never hand one out sooner.
+#[map]
+static SNAT_HISTORY: Array<u64> = Array::with_max_entries(SNAT_HISTORY_SLOTS, 0);
 /// Per-CPU scratch space where a new flow's two entries are built: the BPF stack (512 bytes)
 /// is too small to hold them next to everything else.
 #[map]
@@ -90,6 +96,9 @@ static SCRATCH_FLOW: PerCpuArray<Flow> = PerCpuArray::with_max_entries(2, 0);
 const HOP_TTL_NS: u64 = 1_000_000_000;
 /// SNAT ports tried per new flow before it is refused.
 const SNAT_PORT_TRIES: u32 = 8;
+/// How long a released TCP SNAT port stays out of use for other clients (`snat_clock` units):
+/// Linux's TIME_WAIT, 60 s.
+const SNAT_HOLD: u32 = (60_000_000_000u64 >> 20) as u32 + 1;
 /// At most one deny record per source and service per this interval; the others are counted.
 const DENY_RECORD_INTERVAL_NS: u64 = 1_000_000_000;
 /// Token-bucket units per new flow.
@@ -598,13 +607,14 @@ fn track_close(pkt: &Packet, e: *mut Flow) {
     let prev = unsafe { atomic::fetch_or(&raw mut (*fwd).state, flow_state::CLOSED) };
     if prev & flow_state::CLOSED == 0 {
         // SAFETY: live map values.
-        emit_flow(
-            event_kind::CONN_CLOSE,
-            reason,
-            &fkey,
-            unsafe { &*fwd },
-            unsafe { &*rev },
-        );
+        let (f, r) = unsafe { (&*fwd, &*rev) };
+        emit_flow(event_kind::CONN_CLOSE, reason, &fkey, f, r);
+        // The backend's TIME_WAIT, if any, starts about now: hold the port from here.
+        let port = u16::from_be(f.nat_sport) as u32;
+        let tuple = snat_tuple(flow_hash(&fkey), f.backend_idx);
+        // SAFETY: plain helper call.
+        let now = snat_clock(unsafe { bpf_ktime_get_coarse_ns() });
+        snat_mark(snat_slot(f.backend_idx, port), snat_owner(tuple, port), now);
     }
 }
 
@@ -658,7 +668,8 @@ fn try_open_flow(ctx: &XdpContext, pkt: &Packet, svc: &ServiceInfo) -> Result<()
     if svc.backend_count == 0 || cfg.maglev_size == 0 {
         return Err(deny_code(deny_reason::NO_BACKEND, NO_RULE));
     }
-    let slot = svc.id * cfg.maglev_size + flow_hash(key) % cfg.maglev_size;
+    let hash = flow_hash(key);
+    let slot = svc.id * cfg.maglev_size + hash % cfg.maglev_size;
     let backend_idx = *MAGLEV
         .get(slot)
         .ok_or(deny_code(deny_reason::NO_BACKEND, NO_RULE))?;
@@ -722,7 +733,7 @@ fn try_open_flow(ctx: &XdpContext, pkt: &Packet, svc: &ServiceInfo) -> Result<()
         r.dir = flow_dir::REPLY;
         (f, r)
     };
-    let port = reserve_snat_port(key, be, cfg, rev);
+    let port = reserve_snat_port(key, be, cfg, rev, hash);
     if port > u16::MAX as u64 {
         return Err(port);
     }
@@ -876,11 +887,100 @@ fn deny(pkt: &Packet, svc: &ServiceInfo, reason: u8, rule: u32) -> u32 {
     xdp_action::XDP_DROP
 }
 
-/// Picks a free SNAT port towards `be` and reserves it by inserting the reply entry `rev`
-/// under it. `BPF_NOEXIST` makes the insert the collision check, so two live flows never share
-/// a port. Returns the port (network byte order), or a refusal (greater than any port).
+/// The SNAT port a flow asks for first: the client's own port when it is in the range, else
+/// the client's port folded into the range. Distinct ports of one client address therefore get
+/// distinct SNAT ports (when the client's port range is no larger than the SNAT range), and a
+/// client that reuses its port for the same VIP gets the same backend-side 4-tuple again.
+#[inline(always)]
+fn preferred_snat_offset(sport_be: u16, min: u32, range: u32) -> u32 {
+    let sport = u16::from_be(sport_be) as u32;
+    // `sport + k * range - min` with k large enough to stay non-negative; `range` is not 0.
+    rem(sport + (div(65536, range) + 1) * range - min, range)
+}
+
+/// `a % b`, 0 when `b` is 0: without a panic path, which the verifier would refuse.
+#[inline(always)]
+fn rem(a: u32, b: u32) -> u32 {
+    if b == 0 { 0 } else { a % b }
+}
+
+/// `a / b`, 0 when `b` is 0 (as `rem`).
+#[inline(always)]
+fn div(a: u32, b: u32) -> u32 {
+    if b == 0 { 0 } else { a / b }
+}
+
+/// The `SNAT_HISTORY` slot of (backend, SNAT port), host byte order port.
+#[inline(always)]
+fn snat_slot(backend_idx: u32, port: u32) -> u32 {
+    mix(backend_idx << 16 ^ port) & (SNAT_HISTORY_SLOTS - 1)
+}
+
+/// Identity of (client 5-tuple, backend, SNAT port) as stored in `SNAT_HISTORY`: `tuple` is
+/// `snat_tuple` of the client's 5-tuple and backend.
+#[inline(always)]
+fn snat_owner(tuple: u32, port: u32) -> u32 {
+    mix(tuple ^ port.wrapping_mul(0x85eb_ca6b))
+}
+
+/// A hash of the client's 5-tuple (`flow_hash`) and the backend.
+#[inline(always)]
+fn snat_tuple(flow_hash: u32, backend_idx: u32) -> u32 {
+    mix(flow_hash ^ backend_idx.wrapping_add(1).wrapping_mul(0x9e37_79b9))
+}
+
+/// Coarse clock in `SNAT_HISTORY` units (2^20 ns, about 1.05 ms).
+#[inline(always)]
+fn snat_clock(coarse_ns: u64) -> u32 {
+    (coarse_ns >> 20) as u32
+}
+
+/// Records that (backend, SNAT port) was used by `owner` at `now` (`snat_clock` units).
+#[inline(always)]
+fn snat_mark(slot: u32, owner: u32, now: u32) {
+    if let Some(h) = SNAT_HISTORY.get_ptr_mut(slot) {
+        // SAFETY: array slot; one aligned 64-bit store, so readers on other CPUs see the old
+        // or the new value whole.
+        unsafe { core::ptr::write_volatile(h, (now as u64) << 32 | owner as u64) };
+    }
+}
+
+/// How much longer (`snat_clock` units) (backend, SNAT port) is held from the client 5-tuple
+/// `owner`, or 0 when it may be taken at once: never used, used longer than `SNAT_HOLD` ago,
+/// or last used by this very client 5-tuple (whose next SYN the backend's TIME_WAIT accepts).
+#[inline(always)]
+fn snat_held(slot: u32, owner: u32, now: u32) -> u32 {
+    let Some(h) = SNAT_HISTORY.get_ptr(slot) else {
+        return 0;
+    };
+    // SAFETY: array slot; an aligned 64-bit load.
+    let h = unsafe { core::ptr::read_volatile(h) };
+    let age = now.wrapping_sub((h >> 32) as u32);
+    if h == 0 || h as u32 == owner || age >= SNAT_HOLD {
+        0
+    } else {
+        // At least 1: "held".
+        SNAT_HOLD - age
+    }
+}
+
+/// Picks a SNAT port towards `be` and reserves it by inserting the reply entry `rev` under it.
+/// `BPF_NOEXIST` makes the insert the collision check, so two live flows never share a port.
+///
+/// TCP ports are also kept from reuse while the backend may still hold the old connection in
+/// TIME_WAIT (`SNAT_HOLD` after it closed), unless the same client 5-tuple comes back: its
+/// timestamps and sequence numbers continue the old connection's, which TIME_WAIT accepts,
+/// while another client's (the kernel derives the timestamp offset from the 4-tuple) are
+/// refused by PAWS about half the time, costing the client an RST and a 1 s SYN retry.
+///
+/// Candidates: the preferred port (`preferred_snat_offset`), then pseudo-random ports drawn
+/// from a hash of the client 5-tuple and backend, so a client that had to move elsewhere finds
+/// the same substitute again. The first candidate that is free and not held wins; when every
+/// candidate is held, the free one released longest ago; when none is free, the flow is
+/// refused. A range no larger than the tries is walked whole. Returns the port (network byte
+/// order), or a refusal (greater than any port).
 #[inline(never)]
-fn reserve_snat_port(key: &FlowKey, be: &Backend, cfg: &Config, rev: &Flow) -> u64 {
+fn reserve_snat_port(key: &FlowKey, be: &Backend, cfg: &Config, rev: &Flow, hash: u32) -> u64 {
     let (min, max) = (cfg.snat_port_min as u32, cfg.snat_port_max as u32);
     let range = max.wrapping_sub(min).wrapping_add(1);
     if min == 0 || max < min || range == 0 {
@@ -895,23 +995,54 @@ fn reserve_snat_port(key: &FlowKey, be: &Backend, cfg: &Config, rev: &Flow) -> u
         af: key.af,
         _pad: 0,
     };
-    // Random ports: the tries are independent, so a try fails with the probability that a port
-    // is taken. A range no larger than the tries is walked instead, so all of it is tried.
-    // SAFETY: plain helper call.
-    let start = unsafe { bpf_get_prandom_u32() } % range;
+    let tcp = key.proto == PROTO_TCP;
+    let tuple = snat_tuple(hash, rev.backend_idx);
+    let now = snat_clock(rev.last_seen_ns);
+    let first = preferred_snat_offset(key.sport, min, range);
+    let walk = range <= SNAT_PORT_TRIES;
+    // The held candidate released longest ago: (port + 1, time left).
+    let (mut oldest, mut oldest_left) = (0u32, u32::MAX);
     for i in 0..SNAT_PORT_TRIES {
-        let offset = if range <= SNAT_PORT_TRIES {
-            (start + i) % range
+        let offset = if i == 0 {
+            first
+        } else if walk {
+            rem(first + i, range)
         } else {
-            // SAFETY: plain helper call.
-            (unsafe { bpf_get_prandom_u32() }) % range
+            rem(mix(tuple.wrapping_add(i.wrapping_mul(0x9e37_79b9))), range)
         };
-        let port = (min + offset) as u16;
-        rkey.dport = port.to_be();
+        let port = min + offset;
+        let slot = snat_slot(rev.backend_idx, port);
+        let owner = snat_owner(tuple, port);
+        let left = if tcp { snat_held(slot, owner, now) } else { 0 };
+        rkey.dport = (port as u16).to_be();
+        if left != 0 {
+            // SAFETY: map lookup; the value is not used.
+            if left < oldest_left && unsafe { FLOWS.get(&rkey) }.is_none() {
+                (oldest, oldest_left) = (port + 1, left);
+            }
+            continue;
+        }
         match FLOWS.insert(&rkey, rev, BPF_NOEXIST as u64) {
-            Ok(()) => return rkey.dport as u64,
+            Ok(()) => {
+                if tcp {
+                    snat_mark(slot, owner, now);
+                }
+                return rkey.dport as u64;
+            }
             Err(e) if e as i64 == -E2BIG => return deny_code(deny_reason::CONNTRACK_FULL, NO_RULE),
             Err(_) => {}
+        }
+    }
+    if oldest != 0 {
+        let port = oldest - 1;
+        rkey.dport = (port as u16).to_be();
+        if FLOWS.insert(&rkey, rev, BPF_NOEXIST as u64).is_ok() {
+            snat_mark(
+                snat_slot(rev.backend_idx, port),
+                snat_owner(tuple, port),
+                now,
+            );
+            return rkey.dport as u64;
         }
     }
     deny_code(deny_reason::SNAT_EXHAUSTED, NO_RULE)

@@ -1003,3 +1003,185 @@ fn snat_ports_never_collide_and_exhaustion_is_refused_with_a_record() {
         assert_eq!(packet::parse(&out).sport, u16::from_be(pair.fwd.nat_sport));
     });
 }
+
+/// Opens a TCP flow from `c` to `v`; returns the SNAT port it got.
+fn open_tcp(fx: &mut Fixture, c: End, v: End) -> u16 {
+    let (a, out) = run(fx, &packet::syn(c, v));
+    assert_eq!(
+        a,
+        XDP_REDIRECT,
+        "SYN from {c:?}: counters {:?}",
+        fx.dp.stats()
+    );
+    let ev = events(fx);
+    assert_eq!(
+        (ev.len(), ev[0].kind),
+        (1, event_kind::CONN_OPEN),
+        "one open record"
+    );
+    packet::parse(&out).sport
+}
+
+/// Closes the flow from `c` to `v` with a FIN each way (the backend at `backend`, the flow on
+/// SNAT port `port`), and checks its close record.
+fn close_tcp(fx: &mut Fixture, c: End, v: End, backend: End, port: u16) {
+    let snat = end("10.0.2.1", port, fx.mac);
+    assert_eq!(
+        run(
+            fx,
+            &packet::tcp_frame(backend, snat, TCP_ACK | TCP_FIN, 7000, &[])
+        )
+        .0,
+        XDP_TX
+    );
+    assert_eq!(
+        run(fx, &packet::tcp_frame(c, v, TCP_ACK | TCP_FIN, 1001, &[])).0,
+        XDP_REDIRECT
+    );
+    let ev = events(fx);
+    assert_eq!(
+        (ev.len(), ev[0].kind, ev[0].reason),
+        (1, event_kind::CONN_CLOSE, close_reason::FIN)
+    );
+}
+
+/// Removes every flow of the client address `ip`, as the daemon does when a closed flow's
+/// linger time is over.
+fn sweep(fx: &mut Fixture, ip: &str) {
+    let ip: IpAddr = ip.parse().unwrap();
+    for pair in fx.dp.flows().unwrap() {
+        if dataplane::socket_addr(pair.key.src, pair.key.af, 0).ip() == ip {
+            fx.dp.remove_flow(&pair).unwrap();
+        }
+    }
+}
+
+/// SNAT ports and the backends' TIME_WAIT: a client's port is kept (folded into the range when
+/// outside it); a port whose TCP flow just closed is not handed to another client while other
+/// ports are free, but the same client 5-tuple gets it back at once (its next SYN continues the
+/// old connection's timestamps, which the backend's TIME_WAIT accepts); the hold is per backend
+/// and for TCP only.
+#[test]
+fn snat_port_follows_the_client_and_is_held_from_other_clients_after_close() {
+    if !root("snat_port_follows_the_client_and_is_held_from_other_clients_after_close") {
+        return;
+    }
+    let ns = setup_ns();
+    ns.enter(|| {
+        let mut fx = fixture(vec![
+            service("web", Proto::Tcp, "10.0.0.100:80", &["10.0.2.2:8080"]),
+            service("web2", Proto::Tcp, "10.0.0.101:80", &["10.0.2.4:8080"]),
+            service("dns", Proto::Udp, "10.0.0.100:53", &["10.0.2.3:5353"]),
+        ]);
+        let (v, v2) = (vip("10.0.0.100", 80), vip("10.0.0.101", 80));
+        let backend = end("10.0.2.2", 8080, fx.mac);
+        let a = client("10.0.1.2", 45000);
+        let b = client("10.0.1.3", 45000);
+
+        // In the range (40000-59999): the client's own port. Outside: folded into it.
+        assert_eq!(open_tcp(&mut fx, a, v), 45000);
+        let out_of_range = client("10.0.1.2", 33333);
+        assert_eq!(
+            open_tcp(&mut fx, out_of_range, v),
+            SNAT_PORT
+                + ((33333 + 2 * SNAT_PORTS as u32 - SNAT_PORT as u32) % SNAT_PORTS as u32) as u16
+        );
+
+        // a closes and its entries are swept: another client asking for the same port gets
+        // another one, although 45000 is free.
+        close_tcp(&mut fx, a, v, backend, 45000);
+        sweep(&mut fx, "10.0.1.2");
+        assert!(fx.dp.flows().unwrap().is_empty());
+        let pb = open_tcp(&mut fx, b, v);
+        assert_ne!(pb, 45000, "a just-released port went to another client");
+        assert!((SNAT_PORT..SNAT_PORT + SNAT_PORTS).contains(&pb), "{pb}");
+        // ... and that client comes back to the port it was given.
+        close_tcp(&mut fx, b, v, backend, pb);
+        sweep(&mut fx, "10.0.1.3");
+        assert_eq!(
+            open_tcp(&mut fx, b, v),
+            pb,
+            "same client 5-tuple, same port"
+        );
+
+        // The same client 5-tuple takes its port back at once, swept or still lingering.
+        assert_eq!(open_tcp(&mut fx, a, v), 45000);
+        close_tcp(&mut fx, a, v, backend, 45000);
+        assert_eq!(
+            fx.dp.flows().unwrap().len(),
+            2,
+            "a's closed flow lingers next to b's"
+        );
+        assert_eq!(open_tcp(&mut fx, a, v), 45000, "SYN on the closed 5-tuple");
+
+        // Held per backend: towards another backend the port is not in TIME_WAIT anywhere.
+        close_tcp(&mut fx, a, v, backend, 45000);
+        assert_eq!(open_tcp(&mut fx, client("10.0.1.4", 45000), v2), 45000);
+
+        // UDP keeps no TIME_WAIT: a released port serves another client at once.
+        let dns = vip("10.0.0.100", 53);
+        let udp = |fx: &mut Fixture, c: End| {
+            let (act, out) = run(fx, &packet::frame(c, dns, L4::Udp, b"q"));
+            assert_eq!(act, XDP_REDIRECT);
+            events(fx);
+            packet::parse(&out).sport
+        };
+        assert_eq!(udp(&mut fx, client("10.0.1.5", 45001)), 45001);
+        sweep(&mut fx, "10.0.1.5");
+        assert_eq!(udp(&mut fx, client("10.0.1.6", 45001)), 45001);
+        assert_eq!(stat_of(&mut fx, stat::DENY_SNAT_EXHAUSTED), 0);
+    });
+}
+
+/// When every candidate port is held, the free one released longest ago is taken: a flow is
+/// refused (`snat_exhausted`) only when no port is free at all.
+#[test]
+fn held_snat_ports_are_reused_least_recently_released_first() {
+    if !root("held_snat_ports_are_reused_least_recently_released_first") {
+        return;
+    }
+    let ns = setup_ns();
+    ns.enter(|| {
+        let mut st = settings(
+            vec![service(
+                "web",
+                Proto::Tcp,
+                "10.0.0.100:80",
+                &["10.0.2.2:8080"],
+            )],
+            4093,
+        );
+        st.snat_ports = (50000, 50003);
+        let mut fx = fixture_with(st);
+        let v = vip("10.0.0.100", 80);
+        let backend = end("10.0.2.2", 8080, fx.mac);
+        // Client ports 1000-1003 fold onto 50000-50003 (1000 ≡ 50000 mod 4).
+        let first: Vec<End> = (0..4).map(|i| client("10.0.1.2", 1000 + i)).collect();
+        for (i, c) in first.iter().enumerate() {
+            assert_eq!(open_tcp(&mut fx, *c, v), 50000 + i as u16);
+        }
+        // Released in the order 50002, 50000, 50003, 50001.
+        for i in [2usize, 0, 3, 1] {
+            close_tcp(&mut fx, first[i], v, backend, 50000 + i as u16);
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        sweep(&mut fx, "10.0.1.2");
+        // Another client's flows: every port is held, each takes the oldest release.
+        let mut got = Vec::new();
+        for i in 0..4 {
+            got.push(open_tcp(&mut fx, client("10.0.1.3", 1001 + i), v));
+        }
+        assert_eq!(got, [50002, 50000, 50003, 50001]);
+        // Every port live: refused, with a record.
+        assert_eq!(
+            run(&mut fx, &packet::syn(client("10.0.1.3", 2000), v)).0,
+            XDP_DROP
+        );
+        let ev = events(&mut fx);
+        assert_eq!(
+            (ev.len(), ev[0].kind, ev[0].reason),
+            (1, event_kind::CONN_DENY, deny_reason::SNAT_EXHAUSTED)
+        );
+        assert_eq!(stat_of(&mut fx, stat::DENY_SNAT_EXHAUSTED), 1);
+    });
+}
