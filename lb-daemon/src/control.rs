@@ -35,6 +35,16 @@ pub enum Role {
     Admin,
 }
 
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+}
+
 /// `--role ROLE=user:NAME|group:NAME`
 #[derive(Clone, Debug, Serialize)]
 pub struct RoleGrant {

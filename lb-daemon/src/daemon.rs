@@ -94,6 +94,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
     // Attaching a native XDP program may reset the device; readiness means traffic can flow.
     wait_for_carrier(&settings.ifaces, Duration::from_secs(3)).await;
     let ring = dp.take_events()?;
+    let backlog = dataplane::RingBacklog::new(std::os::fd::AsFd::as_fd(&ring))?;
     // SAFETY: the ring buffer owns its fd, which stays open as long as the AsyncFd owns it.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(|e| anyhow!("watching the ring buffer: {e}"))?;
@@ -186,7 +187,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
             }
             _ = neigh.tick() => refresh_neighbors(backend_ips(&services)).await,
             Some(reply) = scrape_rx.recv() => {
-                let _ = reply.send(scrape(&mut dp, &services, &health.state, &names, &audit)?);
+                let _ = reply.send(scrape(&mut dp, &services, &health.state, &names, &audit, &backlog)?);
             }
             Some(call) = calls_rx.recv() => {
                 let mut plane = Plane {
@@ -299,6 +300,7 @@ fn scrape(
     health: &HashMap<(u32, std::net::SocketAddr), health::State>,
     names: &Names,
     audit: &Journal,
+    backlog: &dataplane::RingBacklog,
 ) -> anyhow::Result<String> {
     let svc_name = |id: u32| {
         names
@@ -362,6 +364,7 @@ fn scrape(
             .collect(),
         log_bytes,
         audit_failing: audit.failing(),
+        ring_backlog: backlog.bytes(),
     };
     Ok(metrics::render(&snapshot))
 }
@@ -437,7 +440,12 @@ fn health_result(
     } else {
         ("down", "up")
     };
-    warn!(service = %svc.spec.name, backend = %probe.backend, from, to, error = ?st.last_error, "backend health changed");
+    let error = if st.down {
+        st.last_error.as_deref()
+    } else {
+        None
+    };
+    warn!(service = %svc.spec.name, backend = %probe.backend, from, to, error, "backend health changed");
     if let Some(b) = svc.backends.iter_mut().find(|b| b.addr == probe.backend) {
         b.up = !st.down;
     }

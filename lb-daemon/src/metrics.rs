@@ -78,6 +78,8 @@ pub struct Snapshot<'a> {
     pub rules: Vec<(String, u64)>,
     pub log_bytes: u64,
     pub audit_failing: bool,
+    /// Bytes of kernel records waiting in the ring buffer.
+    pub ring_backlog: u64,
 }
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
@@ -238,6 +240,12 @@ pub fn render(s: &Snapshot) -> String {
         "audit_failing",
         "1 while the audit log cannot be written",
         vec![(vec![], s.audit_failing as i64)],
+    );
+    gauge(
+        &mut reg,
+        "ringbuf_backlog_bytes",
+        "Kernel records waiting in the ring buffer to be written to the audit log",
+        vec![(vec![], s.ring_backlog as i64)],
     );
     let mut out = String::new();
     let _ = encode(&mut out, &reg);

@@ -119,9 +119,14 @@ pub fn handle(call: &control::Call, p: &mut Plane<'_>) -> anyhow::Result<Respons
         .flatten()
         .collect::<Vec<_>>()
         .join(" ");
+        let has = call
+            .role
+            .map_or("no role".to_string(), |r| format!("the {} role", r.name()));
         let reason = format!(
-            "{} requires the {needed:?} role; {} has {:?}",
-            req.action, call.actor.user, call.role
+            "{} requires the {} role; {} has {has}",
+            req.action,
+            needed.name(),
+            call.actor.user
         );
         warn!(actor = %call.actor.user, uid = call.actor.uid, action = %req.action, "control request refused");
         p.audit.record(

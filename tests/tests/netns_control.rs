@@ -92,7 +92,10 @@ fn roles_are_enforced_and_a_drain_is_proven() {
         &["backend", "drain", "web", &a2.to_string()],
     );
     assert_eq!(code, 3, "{err}");
-    assert!(err.contains("Operator"), "{err}");
+    assert!(
+        err.contains("requires the operator role; nobody has the viewer role"),
+        "{err}"
+    );
     // Invalid requests are told apart from refusals.
     assert_eq!(
         lbctl(&socket, 0, &["backend", "drain", "web", "10.9.9.9:1"]).0,

@@ -84,6 +84,8 @@ fn metrics_follow_traffic() {
         "daemon_start and 20 connection records"
     );
     assert!(value(body, "lb_audit_log_bytes").unwrap() > 0.0);
+    // Traffic is over and its records are written: nothing waits in the ring buffer.
+    assert_eq!(value(body, "lb_ringbuf_backlog_bytes"), Some(0.0), "{body}");
     assert_eq!(value(body, "lb_audit_failing"), Some(0.0));
     assert!(
         body.contains("lb_dataplane_packets_total{counter=\"forwarded\"}"),
