@@ -166,10 +166,19 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            guard = ring.readable_mut() => {
+            // Group commit (journal::GROUP_COMMIT): the records of a wake-up are written at
+            // once; until they are made durable, the ring buffer is left alone (the kernel does
+            // not wake a consumer that has not caught up), then drained again and everything
+            // synced together.
+            guard = ring.readable_mut(), if audit.commit_due().is_none() => {
                 let mut guard = guard?;
                 drain(guard.get_inner_mut(), &mut audit, &names);
                 guard.clear_ready();
+                audit.sync_soon();
+                audit.apply(&mut dp)?;
+            }
+            () = commit_at(audit.commit_due()) => {
+                drain(ring.get_mut(), &mut audit, &names);
                 audit.sync();
                 audit.apply(&mut dp)?;
                 if let Some(length) = settings.alerts.block {
@@ -560,6 +569,14 @@ async fn refresh_neighbors(ips: Vec<IpAddr>) {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => warn!(error = %e, "cannot send ICMP echo to backends"),
         Err(e) => warn!(error = %e, "neighbour refresh task failed"),
+    }
+}
+
+/// Waits until `due`, or forever when nothing waits to be made durable.
+async fn commit_at(due: Option<std::time::Instant>) {
+    match due {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -8,14 +8,25 @@
 //! sweep (which cuts off a partly written record), and the first thing written once it works
 //! again is a `loss` record stating how many records are missing and over which window.
 
-use std::{path::PathBuf, str::FromStr, time::SystemTime};
+use std::{
+    path::PathBuf,
+    str::FromStr,
+    time::{Duration, Instant, SystemTime},
+};
 
 use tracing::{error, info};
 
 use crate::{
-    audit::{self, AuditWriter, Event, Loss},
+    audit::{self, AuditWriter, Event, FsyncPolicy, Loss},
     dataplane::Dataplane,
 };
+
+/// Group commit: with `--audit-fsync always`, records drained from the kernel are written out
+/// at once (`sync_soon`) and made durable by one fdatasync at most this long after the first of
+/// them, together with whatever else arrived in the meantime. Records someone waits on (a
+/// configuration change before its reply) are made durable at once (`sync`), and take any
+/// pending ones with them.
+pub const GROUP_COMMIT: Duration = Duration::from_millis(2);
 
 /// `--audit-on-failure`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -55,6 +66,8 @@ pub struct Journal {
     /// What was recorded, for the metrics.
     pub totals: crate::metrics::Totals,
     alerts: crate::alerts::Engine,
+    /// When the records written by `sync_soon` and not yet durable must be synced.
+    commit_due: Option<Instant>,
 }
 
 impl Journal {
@@ -75,6 +88,7 @@ impl Journal {
             refusing: false,
             totals: Default::default(),
             alerts: crate::alerts::Engine::new(alert_rules),
+            commit_due: None,
         })
     }
 
@@ -106,6 +120,41 @@ impl Journal {
     /// Makes written records durable (as the fsync policy says), after turning the alerts the
     /// records since the last sync raised into `alert` records, log lines and `--alert-exec`.
     pub fn sync(&mut self) {
+        self.raise_alerts();
+        self.commit_due = None;
+        if let Some(w) = &mut self.writer
+            && let Err(e) = w.sync()
+        {
+            self.fail(e, 0);
+        }
+    }
+
+    /// Group commit, for records nobody waits on (those drained from the kernel): with
+    /// `--audit-fsync always`, writes them out now — a crash of the daemon no longer loses
+    /// them — and leaves the fdatasync to a `sync` at `commit_due`, at most `GROUP_COMMIT` after
+    /// the first record written since the last one. With the other policies, `sync`.
+    pub fn sync_soon(&mut self) {
+        if self.opts.fsync != FsyncPolicy::Always {
+            return self.sync();
+        }
+        self.raise_alerts();
+        let Some(w) = &mut self.writer else { return };
+        match w.flush() {
+            Ok(()) if w.unsynced() => {
+                self.commit_due
+                    .get_or_insert_with(|| Instant::now() + GROUP_COMMIT);
+            }
+            Ok(()) => {}
+            Err(e) => self.fail(e, 0),
+        }
+    }
+
+    /// When written records must be made durable by `sync` (see `sync_soon`).
+    pub fn commit_due(&self) -> Option<Instant> {
+        self.commit_due
+    }
+
+    fn raise_alerts(&mut self) {
         for alert in self.alerts.take() {
             tracing::warn!(rule = %alert.rule, source = ?alert.source, "alert: {}", alert.message);
             if let Some(cmd) = self.alerts.rules.exec.clone() {
@@ -123,11 +172,6 @@ impl Journal {
             }
             self.record(SystemTime::now(), Event::Alert(alert));
         }
-        if let Some(w) = &mut self.writer
-            && let Err(e) = w.sync()
-        {
-            self.fail(e, 0);
-        }
     }
 
     fn fail(&mut self, e: anyhow::Error, dropped: u64) {
@@ -135,6 +179,7 @@ impl Journal {
         // The writer's buffered records are lost with it; reopening tells how many reached
         // the disk.
         self.writer = None;
+        self.commit_due = None;
         self.failure = Some(Failure {
             since: SystemTime::now(),
             dropped,
@@ -215,6 +260,87 @@ impl Journal {
                 f.dropped
             ),
             (None, None) => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{AuditReader, DaemonStop};
+
+    fn stop(reason: &str) -> Event {
+        Event::DaemonStop(DaemonStop {
+            reason: reason.into(),
+        })
+    }
+
+    fn on_disk(dir: &std::path::Path) -> usize {
+        AuditReader::open(dir).unwrap().count()
+    }
+
+    /// Group commit: a record that `sync_soon` took is in the file at once (another reader
+    /// sees it: a crash of the daemon cannot lose it), and a sync is due within
+    /// `GROUP_COMMIT`; `sync` makes it durable and clears the due time.
+    #[test]
+    fn group_commit_writes_at_once_and_syncs_within_the_bound() {
+        let dir = std::env::temp_dir().join(format!("lb-journal-group-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut j = Journal::open(
+            dir.clone(),
+            audit::Options::default(),
+            FailurePolicy::FailOpen,
+            Default::default(),
+        )
+        .unwrap();
+        assert_eq!(j.commit_due(), None);
+        let before = Instant::now();
+        j.record(SystemTime::now(), stop("one"));
+        j.sync_soon();
+        assert_eq!(on_disk(&dir), 1, "written before the fdatasync");
+        let due = j.commit_due().expect("a sync is due");
+        assert!(due > before && due <= Instant::now() + GROUP_COMMIT);
+        // More records before the due time go with the same commit.
+        j.record(SystemTime::now(), stop("two"));
+        j.sync_soon();
+        assert_eq!(j.commit_due(), Some(due));
+        assert_eq!(on_disk(&dir), 2);
+        j.sync();
+        assert_eq!(j.commit_due(), None);
+        assert!(!j.writer.as_ref().unwrap().unsynced());
+        // Nothing new: nothing due.
+        j.sync_soon();
+        assert_eq!(j.commit_due(), None);
+        j.close().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// With `interval` and `never` there is no group commit: `sync_soon` is `sync`.
+    #[test]
+    fn other_policies_sync_as_before() {
+        for fsync in [
+            FsyncPolicy::Never,
+            FsyncPolicy::Interval(Duration::from_secs(60)),
+        ] {
+            let dir = std::env::temp_dir().join(format!("lb-journal-other-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            let opts = audit::Options {
+                fsync,
+                ..audit::Options::default()
+            };
+            let mut j = Journal::open(
+                dir.clone(),
+                opts,
+                FailurePolicy::FailOpen,
+                Default::default(),
+            )
+            .unwrap();
+            j.record(SystemTime::now(), stop("one"));
+            j.sync_soon();
+            assert_eq!(j.commit_due(), None);
+            assert_eq!(on_disk(&dir), 1);
+            j.close().unwrap();
+            let _ = std::fs::remove_dir_all(&dir);
         }
     }
 }

@@ -1,5 +1,6 @@
-//! Record filters for `lb-audit read` / `follow` (ausearch-style), evaluated on the decoded
-//! records without building JSON.
+//! Record filters for `lb-audit read` / `follow` (ausearch-style), evaluated on a record's
+//! `Fields`: taken from a decoded record, or read from its encoding by `scan` without decoding
+//! it (what `AuditReader::matching` does for every record a filter looks at).
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -8,7 +9,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use super::{Event, Proto, Record};
+use super::{Proto, Record, scan::Fields};
 use crate::config::Cidr;
 
 /// Every condition must hold; an absent condition holds for every record.
@@ -51,58 +52,6 @@ impl Endpoint {
     }
 }
 
-/// The fields filters look at, where a record has them.
-struct View<'a> {
-    client: Option<SocketAddr>,
-    vip: Option<SocketAddr>,
-    service: Option<&'a str>,
-    backend: Option<SocketAddr>,
-    proto: Option<Proto>,
-    flow: Option<u64>,
-}
-
-fn view(e: &Event) -> View<'_> {
-    let none = View {
-        client: None,
-        vip: None,
-        service: None,
-        backend: None,
-        proto: None,
-        flow: None,
-    };
-    match e {
-        Event::ConnOpen(o) => View {
-            client: Some(o.client),
-            vip: Some(o.vip),
-            service: Some(&o.service),
-            backend: Some(o.backend),
-            proto: Some(o.proto),
-            flow: Some(o.flow_id),
-        },
-        Event::ConnClose(c) => View {
-            client: Some(c.client),
-            vip: Some(c.vip),
-            service: Some(&c.service),
-            backend: Some(c.backend),
-            proto: Some(c.proto),
-            flow: Some(c.flow_id),
-        },
-        Event::ConnDeny(d) => View {
-            client: Some(d.client),
-            vip: Some(d.vip),
-            service: Some(&d.service),
-            proto: Some(d.proto),
-            ..none
-        },
-        Event::HealthChange(h) => View {
-            service: Some(&h.service),
-            backend: Some(h.backend),
-            ..none
-        },
-        _ => none,
-    }
-}
-
 impl Filter {
     pub fn is_empty(&self) -> bool {
         self.since_ns.is_none()
@@ -117,15 +66,19 @@ impl Filter {
     }
 
     pub fn matches(&self, r: &Record) -> bool {
-        if self.since_ns.is_some_and(|t| r.time_ns < t)
-            || self.until_ns.is_some_and(|t| r.time_ns > t)
+        self.matches_fields(&Fields::of(r))
+    }
+
+    /// The same decision on the fields alone, as `scan` reads them from a record's encoding.
+    pub fn matches_fields(&self, v: &Fields<'_>) -> bool {
+        if self.since_ns.is_some_and(|t| v.time_ns < t)
+            || self.until_ns.is_some_and(|t| v.time_ns > t)
         {
             return false;
         }
-        if !self.kinds.is_empty() && !self.kinds.iter().any(|k| k == r.event.kind()) {
+        if !self.kinds.is_empty() && !self.kinds.iter().any(|k| k == v.kind) {
             return false;
         }
-        let v = view(&r.event);
         // A condition on a field the record does not have excludes it.
         self.client
             .is_none_or(|c| v.client.is_some_and(|a| c.contains(a.ip())))

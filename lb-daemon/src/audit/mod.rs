@@ -8,6 +8,7 @@
 
 pub mod filter;
 pub mod record;
+pub mod scan;
 pub mod seal;
 pub mod segment;
 pub mod verify;
@@ -18,16 +19,17 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, anyhow, bail};
 use tracing::warn;
 
+use filter::Filter;
 pub use record::{
     Actor, Alert, BackendDrained, Checkpoint, CloseReason, ConfigChange, ConnClose, ConnDeny,
     ConnOpen, ControlDenied, DaemonStart, DaemonStop, DenyReason, Event, HealthChange, Loss, Proto,
     Record, Recovery, SegmentDeleted, record_to_json, rfc3339,
 };
 pub use seal::SealKey;
-use segment::{Frame, Header, SegmentReader, SegmentWriter};
+use segment::{Frame, Header, Raw, SegmentReader, SegmentWriter};
 
 #[cfg(test)]
 mod tests;
@@ -110,6 +112,8 @@ pub struct AuditWriter {
     resumed_after: u64,
     /// When the current segment was created.
     segment_created: SystemTime,
+    /// The frame being written, reused from record to record.
+    frame: Vec<u8>,
 }
 
 impl AuditWriter {
@@ -145,6 +149,7 @@ impl AuditWriter {
                 seal,
                 resumed_after: 0,
                 segment_created: SystemTime::now(),
+                frame: Vec::new(),
             });
         };
         let mut reader = SegmentReader::open(&path)?;
@@ -193,6 +198,7 @@ impl AuditWriter {
             resumed_after: next_seq - 1,
             segment_created: SystemTime::UNIX_EPOCH
                 + Duration::from_nanos(reader.header.created_ns.max(0) as u64),
+            frame: Vec::new(),
         };
         if let Some(recovery) = torn {
             w.append(SystemTime::now(), Event::Recovery(recovery))?;
@@ -232,15 +238,18 @@ impl AuditWriter {
             Err(e) => -(e.duration().as_nanos() as i64),
         };
         let seq = self.next_seq;
-        let frame = segment::encode_frame(&Record {
-            seq,
-            time_ns,
-            event,
-        })?;
+        segment::encode_frame_into(
+            &Record {
+                seq,
+                time_ns,
+                event,
+            },
+            &mut self.frame,
+        )?;
         self.segment
-            .write(&frame)
+            .write(&self.frame)
             .with_context(|| format!("writing {}", self.segment.path.display()))?;
-        self.head = segment::chain(&self.head, &frame);
+        self.head = segment::chain(&self.head, &self.frame);
         self.next_seq += 1;
         Ok(seq)
     }
@@ -336,9 +345,11 @@ impl AuditWriter {
         Ok(())
     }
 
-    /// Writes out buffered records and, as the fsync policy says, makes them durable. Also
-    /// writes the periodic checkpoint when it is due.
-    pub fn sync(&mut self) -> anyhow::Result<()> {
+    /// Hands the buffered records to the kernel in one write, without waiting for the disk:
+    /// from then on a crash of the daemon (kill -9) no longer loses them, a crash of the
+    /// machine still may until `sync`. Also writes the periodic checkpoint and closes an old
+    /// segment when due.
+    pub fn flush(&mut self) -> anyhow::Result<()> {
         if self.since_checkpoint > 0
             && self.last_checkpoint.elapsed() >= self.opts.checkpoint_interval
         {
@@ -352,23 +363,35 @@ impl AuditWriter {
         {
             self.rotate()?;
         }
-        let fsync = match self.opts.fsync {
-            FsyncPolicy::Always => true,
-            FsyncPolicy::Interval(d) => self.last_fsync.elapsed() >= d,
-            FsyncPolicy::Never => false,
-        };
-        let path = self.segment.path.display().to_string();
+        let segment = &mut self.segment;
+        segment
+            .flush()
+            .with_context(|| format!("writing {}", segment.path.display()))
+    }
+
+    /// `flush`, then, as the fsync policy says, makes the records durable (fdatasync, when
+    /// anything was written since the last one).
+    pub fn sync(&mut self) -> anyhow::Result<()> {
+        self.flush()?;
+        let fsync = self.segment.unsynced()
+            && match self.opts.fsync {
+                FsyncPolicy::Always => true,
+                FsyncPolicy::Interval(d) => self.last_fsync.elapsed() >= d,
+                FsyncPolicy::Never => false,
+            };
         if fsync {
-            self.segment
+            let segment = &mut self.segment;
+            segment
                 .sync()
-                .with_context(|| format!("syncing {path}"))?;
+                .with_context(|| format!("syncing {}", segment.path.display()))?;
             self.last_fsync = Instant::now();
-        } else {
-            self.segment
-                .flush()
-                .with_context(|| format!("writing {path}"))?;
         }
         Ok(())
+    }
+
+    /// Whether records were written since the last fdatasync.
+    pub fn unsynced(&self) -> bool {
+        self.segment.unsynced()
     }
 
     /// Ends a run: a final checkpoint, and everything durable.
@@ -433,14 +456,24 @@ impl AuditReader {
         })
     }
 
-    fn step(&mut self) -> anyhow::Result<Option<Record>> {
+    /// The records `filter` matches, in order. Every frame is still checked (length,
+    /// checksum, a payload that decodes, `seq`), but only the records that match are decoded:
+    /// the others are read in place by `scan`, which allocates nothing.
+    pub fn matching(self, filter: &Filter) -> Matching<'_> {
+        Matching {
+            reader: self,
+            filter: (!filter.is_empty()).then_some(filter),
+        }
+    }
+
+    /// The next record (that `filter` matches, when given).
+    fn step(&mut self, filter: Option<&Filter>) -> anyhow::Result<Option<Record>> {
         loop {
             if self.current.is_none() {
                 let Some((index, path)) = self.segments.next() else {
                     return Ok(None);
                 };
-                let mut reader = SegmentReader::open(&path)?;
-                reader.keep_frames = false;
+                let reader = SegmentReader::open(&path)?;
                 if reader.header.index != index {
                     bail!(
                         "{}: header says segment {}",
@@ -463,24 +496,51 @@ impl AuditReader {
             }
             let (path, reader) = self.current.as_mut().expect("set above");
             match reader
-                .next_frame()
+                .next_raw()
                 .with_context(|| path.display().to_string())?
             {
-                Frame::Record(r) => {
-                    let expected = self.next_seq.unwrap_or(r.seq);
-                    if r.seq != expected {
-                        bail!(
-                            "{}: record seq {} where {} was expected",
+                Raw::Record => {
+                    let damaged = |why: String| {
+                        anyhow!(
+                            "{} at offset {}: {why}",
                             path.display(),
-                            r.seq,
-                            expected
+                            reader.frame_offset
+                        )
+                    };
+                    let (seq, wanted) = match filter {
+                        Some(f) => match scan::scan(reader.payload()) {
+                            Ok(fields) => (fields.seq, f.matches_fields(&fields)),
+                            // The full decoder's words for the damage.
+                            Err(scan::Invalid(why)) => {
+                                return Err(damaged(
+                                    segment::decode_payload(reader.payload())
+                                        .err()
+                                        .unwrap_or_else(|| format!("undecodable record: {why}")),
+                                ));
+                            }
+                        },
+                        None => (0, true),
+                    };
+                    let rec = if wanted {
+                        Some(segment::decode_payload(reader.payload()).map_err(damaged)?)
+                    } else {
+                        None
+                    };
+                    let seq = rec.as_ref().map_or(seq, |r| r.seq);
+                    let expected = self.next_seq.unwrap_or(seq);
+                    if seq != expected {
+                        bail!(
+                            "{}: record seq {seq} where {expected} was expected",
+                            path.display(),
                         );
                     }
-                    self.next_seq = Some(r.seq + 1);
-                    return Ok(Some(r));
+                    self.next_seq = Some(seq + 1);
+                    if rec.is_some() {
+                        return Ok(rec);
+                    }
                 }
-                Frame::End => self.current = None,
-                Frame::Bad { offset, why } => {
+                Raw::End => self.current = None,
+                Raw::Bad { offset, why } => {
                     let is_last = Some(reader.header.index) == self.last;
                     if is_last && why.starts_with("truncated") {
                         return Ok(None);
@@ -490,16 +550,12 @@ impl AuditReader {
             }
         }
     }
-}
 
-impl Iterator for AuditReader {
-    type Item = anyhow::Result<Record>;
-
-    fn next(&mut self) -> Option<Self::Item> {
+    fn next_item(&mut self, filter: Option<&Filter>) -> Option<anyhow::Result<Record>> {
         if self.done {
             return None;
         }
-        match self.step() {
+        match self.step(filter) {
             Ok(Some(r)) => Some(Ok(r)),
             Ok(None) => {
                 self.done = true;
@@ -510,5 +566,28 @@ impl Iterator for AuditReader {
                 Some(Err(e))
             }
         }
+    }
+}
+
+/// `AuditReader::matching`: the records a filter matches.
+pub struct Matching<'f> {
+    reader: AuditReader,
+    /// `None` for a filter that matches everything: then every record is decoded at once.
+    filter: Option<&'f Filter>,
+}
+
+impl Iterator for Matching<'_> {
+    type Item = anyhow::Result<Record>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.reader.next_item(self.filter)
+    }
+}
+
+impl Iterator for AuditReader {
+    type Item = anyhow::Result<Record>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_item(None)
     }
 }

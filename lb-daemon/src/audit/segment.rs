@@ -117,16 +117,27 @@ pub fn bincode_config() -> bincode::config::Configuration {
 
 /// One frame's bytes for a record.
 pub fn encode_frame(rec: &Record) -> anyhow::Result<Vec<u8>> {
-    let payload =
-        bincode::serde::encode_to_vec(rec, bincode_config()).context("encoding a record")?;
-    let mut body = Vec::with_capacity(1 + payload.len());
-    body.push(FRAME_RECORD);
-    body.extend_from_slice(&payload);
-    let mut frame = Vec::with_capacity(8 + body.len());
-    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    frame.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
-    frame.extend_from_slice(&body);
+    let mut frame = Vec::new();
+    encode_frame_into(rec, &mut frame)?;
     Ok(frame)
+}
+
+/// `encode_frame` into a buffer the caller reuses (cleared first): one pass, no allocation
+/// once the buffer has grown to the size of a record.
+pub fn encode_frame_into(rec: &Record, frame: &mut Vec<u8>) -> anyhow::Result<()> {
+    frame.clear();
+    frame.extend_from_slice(&[0u8; 8]);
+    frame.push(FRAME_RECORD);
+    bincode::serde::encode_into_std_write(rec, frame, bincode_config())
+        .context("encoding a record")?;
+    let body_len = frame.len() - 8;
+    if body_len > MAX_FRAME as usize {
+        bail!("a record of {body_len} bytes is larger than a frame may be");
+    }
+    let crc = crc32c::crc32c(&frame[8..]);
+    frame[0..4].copy_from_slice(&(body_len as u32).to_le_bytes());
+    frame[4..8].copy_from_slice(&crc.to_le_bytes());
+    Ok(())
 }
 
 /// The segment files of a log directory, by index.
@@ -164,18 +175,31 @@ pub enum Frame {
     },
 }
 
+/// What reading a frame without decoding it found.
+pub enum Raw {
+    /// A whole frame of type record with a good checksum, in `last_frame` (its payload in
+    /// `payload()`), not yet decoded.
+    Record,
+    End,
+    Bad {
+        offset: u64,
+        why: String,
+    },
+}
+
 /// Reads the records of one segment in order, with bounded memory.
 pub struct SegmentReader {
     pub header: Header,
     input: BufReader<File>,
     pub offset: u64,
     pub len: u64,
-    /// The bytes of the frame `next_frame` last returned as a record (for the hash chain),
-    /// kept only when `keep_frames` is set.
+    /// Where the frame `next_frame` or `next_raw` last read starts.
+    pub frame_offset: u64,
+    /// The bytes of the frame last read (length, CRC, type, payload), as the hash chain takes
+    /// them: the frame is read into this buffer, which is reused from frame to frame.
     pub last_frame: Vec<u8>,
+    /// No longer has an effect (the frame is always read in place into `last_frame`).
     pub keep_frames: bool,
-    /// Reused for every frame body.
-    body: Vec<u8>,
 }
 
 impl SegmentReader {
@@ -191,9 +215,9 @@ impl SegmentReader {
             input: BufReader::with_capacity(1 << 16, file),
             offset: HEADER_LEN as u64,
             len,
+            frame_offset: HEADER_LEN as u64,
             last_frame: Vec::new(),
             keep_frames: true,
-            body: Vec::new(),
         })
     }
 
@@ -207,13 +231,20 @@ impl SegmentReader {
         Ok(r)
     }
 
-    pub fn next_frame(&mut self) -> io::Result<Frame> {
+    /// The payload of the frame `next_raw` last returned as `Raw::Record`.
+    pub fn payload(&self) -> &[u8] {
+        self.last_frame.get(9..).unwrap_or_default()
+    }
+
+    /// Reads the next frame and checks its length, checksum and type, without decoding it.
+    pub fn next_raw(&mut self) -> io::Result<Raw> {
         let start = self.offset;
+        self.frame_offset = start;
         if start == self.len {
-            return Ok(Frame::End);
+            return Ok(Raw::End);
         }
         let bad = |why: &str| {
-            Ok(Frame::Bad {
+            Ok(Raw::Bad {
                 offset: start,
                 why: why.to_string(),
             })
@@ -231,31 +262,46 @@ impl SegmentReader {
         if self.len - start - 8 < len as u64 {
             return bad("truncated frame");
         }
-        let body = &mut self.body;
-        body.resize(len as usize, 0);
-        self.input.read_exact(body)?;
+        let frame = &mut self.last_frame;
+        frame.resize(8 + len as usize, 0);
+        frame[..8].copy_from_slice(&fh);
+        self.input.read_exact(&mut frame[8..])?;
         self.offset = start + 8 + len as u64;
+        let body = &frame[8..];
         if crc32c::crc32c(body) != crc {
             return bad("frame checksum mismatch");
         }
         if body[0] != FRAME_RECORD {
             return bad("unknown frame type");
         }
-        match bincode::serde::decode_from_slice::<Record, _>(&body[1..], bincode_config()) {
-            Ok((rec, used)) if used == body.len() - 1 => {
-                if self.keep_frames {
-                    self.last_frame.clear();
-                    self.last_frame.extend_from_slice(&fh);
-                    self.last_frame.extend_from_slice(body);
-                }
-                Ok(Frame::Record(rec))
-            }
-            Ok(_) => bad("trailing bytes after the record"),
-            Err(e) => Ok(Frame::Bad {
-                offset: start,
-                why: format!("undecodable record: {e}"),
-            }),
-        }
+        Ok(Raw::Record)
+    }
+
+    /// Reads and decodes the next frame.
+    pub fn next_frame(&mut self) -> io::Result<Frame> {
+        Ok(match self.next_raw()? {
+            Raw::Record => match decode_payload(self.payload()) {
+                Ok(rec) => Frame::Record(rec),
+                Err(why) => Frame::Bad {
+                    offset: self.frame_offset,
+                    why,
+                },
+            },
+            Raw::End => Frame::End,
+            Raw::Bad { offset, why } => Frame::Bad { offset, why },
+        })
+    }
+}
+
+/// Decodes a record payload, which must use every byte; the error says why not. Lengths
+/// inside the payload are bounded by the largest frame before anything is allocated for them
+/// (a string claiming a terabyte is an error, not an attempt to allocate it).
+pub fn decode_payload(payload: &[u8]) -> Result<Record, String> {
+    let config = bincode_config().with_limit::<{ MAX_FRAME as usize }>();
+    match bincode::serde::decode_from_slice::<Record, _>(payload, config) {
+        Ok((rec, used)) if used == payload.len() => Ok(rec),
+        Ok(_) => Err("trailing bytes after the record".into()),
+        Err(e) => Err(format!("undecodable record: {e}")),
     }
 }
 
@@ -264,6 +310,8 @@ pub struct SegmentWriter {
     pub path: PathBuf,
     out: BufWriter<File>,
     pub len: u64,
+    /// `len` at the last fdatasync.
+    synced_len: u64,
 }
 
 impl SegmentWriter {
@@ -282,6 +330,7 @@ impl SegmentWriter {
             path,
             out: BufWriter::with_capacity(1 << 16, file),
             len: HEADER_LEN as u64,
+            synced_len: HEADER_LEN as u64,
         })
     }
 
@@ -298,6 +347,7 @@ impl SegmentWriter {
             path: path.to_path_buf(),
             out: BufWriter::with_capacity(1 << 16, file),
             len: valid_len,
+            synced_len: valid_len,
         })
     }
 
@@ -315,7 +365,14 @@ impl SegmentWriter {
     /// Writes buffered frames and makes them durable.
     pub fn sync(&mut self) -> io::Result<()> {
         self.out.flush()?;
-        self.out.get_ref().sync_data()
+        self.out.get_ref().sync_data()?;
+        self.synced_len = self.len;
+        Ok(())
+    }
+
+    /// Whether frames were written since the last `sync`.
+    pub fn unsynced(&self) -> bool {
+        self.len > self.synced_len
     }
 }
 

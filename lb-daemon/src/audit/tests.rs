@@ -682,3 +682,444 @@ fn random_corruption_is_always_detected() {
     }
     assert!(verify_with(&d, &key).is_ok());
 }
+
+/// A small deterministic generator (xorshift64) for the randomized tests below.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// Integers of every varint width, and the edges between them.
+    fn int(&mut self) -> u64 {
+        match self.below(6) {
+            0 => self.below(251),
+            1 => 250 + self.below(3),
+            2 => self.below(1 << 16),
+            3 => self.below(1 << 32),
+            4 => [u64::MAX, 0xffff, 0x10000, 0xffff_ffff, 1 << 32][self.below(5) as usize],
+            _ => self.next(),
+        }
+    }
+
+    fn pick<'a>(&mut self, from: &[&'a str]) -> &'a str {
+        from[self.below(from.len() as u64) as usize]
+    }
+
+    fn text(&mut self) -> String {
+        let words = ["web", "dns6", "", "adm", "ünïcödé", "a,b\"c", "maglev", "x"];
+        let mut s = self.pick(&words).to_string();
+        if self.below(8) == 0 {
+            s.push_str(&"y".repeat(self.below(300) as usize));
+        }
+        s
+    }
+
+    fn opt_text(&mut self) -> Option<String> {
+        (self.below(2) == 0).then(|| self.text())
+    }
+
+    fn addr(&mut self) -> SocketAddr {
+        let ips = [
+            "10.1.0.7",
+            "10.1.0.200",
+            "10.0.0.100",
+            "10.0.2.2",
+            "fd00::100",
+            "fd00:1::2",
+        ];
+        let port = [0u16, 80, 250, 251, 8080, 65535][self.below(6) as usize];
+        SocketAddr::new(self.pick(&ips).parse().unwrap(), port)
+    }
+
+    fn proto(&mut self) -> Proto {
+        if self.below(2) == 0 {
+            Proto::Tcp
+        } else {
+            Proto::Udp
+        }
+    }
+
+    fn actor(&mut self) -> Actor {
+        Actor {
+            uid: self.int() as u32,
+            user: self.text(),
+            pid: self.int() as u32,
+            exe: self.text(),
+        }
+    }
+
+    fn hash(&mut self) -> [u8; 32] {
+        let mut h = [0u8; 32];
+        h.iter_mut().for_each(|b| *b = self.next() as u8);
+        h
+    }
+
+    /// A record of any kind with arbitrary fields.
+    fn record(&mut self) -> Record {
+        let event = match self.below(14) {
+            0 => Event::DaemonStart(DaemonStart {
+                version: self.text(),
+                config: self.text(),
+            }),
+            1 => Event::DaemonStop(DaemonStop {
+                reason: self.text(),
+            }),
+            2 => Event::ConnOpen(ConnOpen {
+                flow_id: self.int(),
+                proto: self.proto(),
+                client: self.addr(),
+                vip: self.addr(),
+                service: self.text(),
+                backend: self.addr(),
+                snat: self.addr(),
+                reason: self.text(),
+                generation: self.int() as u32,
+            }),
+            3 => Event::ConnClose(ConnClose {
+                flow_id: self.int(),
+                proto: self.proto(),
+                client: self.addr(),
+                vip: self.addr(),
+                service: self.text(),
+                backend: self.addr(),
+                duration_ns: self.int(),
+                bytes_to_backend: self.int(),
+                bytes_to_client: self.int(),
+                packets_to_backend: self.int(),
+                packets_to_client: self.int(),
+                close_reason: [
+                    CloseReason::Fin,
+                    CloseReason::Rst,
+                    CloseReason::IdleTimeout,
+                    CloseReason::Evicted,
+                    CloseReason::Shutdown,
+                ][self.below(5) as usize],
+            }),
+            4 => Event::ConnDeny(ConnDeny {
+                proto: self.proto(),
+                client: self.addr(),
+                vip: self.addr(),
+                service: self.text(),
+                reason: [
+                    DenyReason::Acl,
+                    DenyReason::RateLimited,
+                    DenyReason::NoBackend,
+                    DenyReason::SnatExhausted,
+                    DenyReason::ConntrackFull,
+                    DenyReason::AuditUnavailable,
+                ][self.below(6) as usize],
+                rule: self.opt_text(),
+                suppressed: self.int(),
+            }),
+            5 => Event::Checkpoint(Checkpoint {
+                head: self.hash(),
+                epoch: self.int(),
+                seal: (self.below(2) == 0).then(|| self.hash()),
+            }),
+            6 => Event::Recovery(Recovery {
+                segment: self.int(),
+                offset: self.int(),
+                bytes_removed: self.int(),
+                reason: self.text(),
+            }),
+            7 => Event::Loss(Loss {
+                source: self.text(),
+                count: self.int(),
+                since_ns: self.int() as i64,
+                until_ns: self.int() as i64,
+            }),
+            8 => Event::ConfigChange(ConfigChange {
+                actor: self.actor(),
+                action: self.text(),
+                target: self.text(),
+                before: self.text(),
+                after: self.text(),
+                generation_before: self.int(),
+                generation_after: self.int(),
+            }),
+            9 => Event::HealthChange(HealthChange {
+                service: self.text(),
+                backend: self.addr(),
+                from: self.text(),
+                to: self.text(),
+                consecutive_failures: self.int() as u32,
+                last_error: self.opt_text(),
+            }),
+            10 => Event::ControlDenied(ControlDenied {
+                actor: self.actor(),
+                action: self.text(),
+                target: self.text(),
+                reason: self.text(),
+            }),
+            11 => Event::Alert(Alert {
+                rule: self.text(),
+                source: self.opt_text(),
+                message: self.text(),
+                action: self.opt_text(),
+            }),
+            12 => Event::SegmentDeleted(SegmentDeleted {
+                index: self.int(),
+                first_seq: self.int(),
+                last_seq: self.int(),
+                bytes: self.int(),
+                reason: self.text(),
+            }),
+            _ => Event::BackendDrained(BackendDrained {
+                service: self.text(),
+                backend: self.addr(),
+            }),
+        };
+        Record {
+            seq: self.int(),
+            time_ns: self.int() as i64,
+            event,
+        }
+    }
+
+    /// A filter of a few random conditions, drawn from values records have.
+    fn filter(&mut self) -> filter::Filter {
+        let mut f = filter::Filter::default();
+        for _ in 0..1 + self.below(3) {
+            match self.below(9) {
+                0 => f.since_ns = Some(self.int() as i64),
+                1 => f.until_ns = Some(self.int() as i64),
+                2 => {
+                    f.kinds = (0..1 + self.below(3))
+                        .map(|_| scan::KINDS[self.below(14) as usize].to_string())
+                        .collect()
+                }
+                3 => {
+                    f.client = Some(
+                        self.pick(&["10.1.0.0/24", "10.0.0.0/8", "fd00::/16", "10.1.0.7/32"])
+                            .parse()
+                            .unwrap(),
+                    )
+                }
+                4 => {
+                    let a = self.addr();
+                    f.vip = Some(if self.below(2) == 0 {
+                        filter::Endpoint::Ip(a.ip())
+                    } else {
+                        filter::Endpoint::Socket(a)
+                    })
+                }
+                5 => f.service = Some(self.text()),
+                6 => {
+                    let a = self.addr();
+                    f.backend = Some(if self.below(2) == 0 {
+                        filter::Endpoint::Ip(a.ip())
+                    } else {
+                        filter::Endpoint::Socket(a)
+                    })
+                }
+                7 => f.proto = Some(self.proto()),
+                _ => f.flow = Some(self.int()),
+            }
+        }
+        f
+    }
+}
+
+fn payload(r: &Record) -> Vec<u8> {
+    segment::encode_frame(r).unwrap()[9..].to_vec()
+}
+
+#[test]
+fn scan_names_kinds_as_the_records_do() {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < scan::KINDS.len() {
+        let r = rng.record();
+        let p = payload(&r);
+        assert_eq!(scan::scan(&p).unwrap().kind, r.event.kind());
+        seen.insert(r.event.kind());
+    }
+    // No variant beyond the last known one decodes, in either decoder.
+    let mut p = payload(&Record {
+        seq: 1,
+        time_ns: 0,
+        event: Event::DaemonStop(DaemonStop { reason: "".into() }),
+    });
+    p[2] = scan::KINDS.len() as u8;
+    assert!(scan::scan(&p).is_err());
+    assert!(segment::decode_payload(&p).is_err());
+}
+
+/// The fast path agrees with the full decoder: on every random record it reads the same
+/// fields, and on damaged payloads (bytes flipped, set to varint markers, cut, inserted) it
+/// accepts exactly what the decoder accepts, with the same fields.
+#[test]
+fn scan_agrees_with_the_full_decoder() {
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let (mut accepted, mut refused) = (0, 0);
+    for _ in 0..20_000 {
+        let r = rng.record();
+        let good = payload(&r);
+        assert_eq!(scan::scan(&good), Ok(scan::Fields::of(&r)), "{r:?}");
+        let mut bad = good.clone();
+        for _ in 0..1 + rng.below(3) {
+            let at = rng.below(bad.len() as u64) as usize;
+            match rng.below(5) {
+                0 => bad[at] ^= 1 << rng.below(8),
+                1 => bad[at] = 250 + rng.below(6) as u8,
+                2 => bad.truncate(at),
+                3 => bad.insert(at, rng.next() as u8),
+                _ => bad[at] = rng.below(3) as u8,
+            }
+            if bad.is_empty() {
+                break;
+            }
+        }
+        match (scan::scan(&bad), segment::decode_payload(&bad)) {
+            (Ok(f), Ok(rec)) => {
+                assert_eq!(f, scan::Fields::of(&rec));
+                accepted += 1;
+            }
+            (Err(_), Err(_)) => refused += 1,
+            (s, d) => panic!("scan {s:?} but the decoder {d:?} on {bad:02x?}"),
+        }
+    }
+    // Both outcomes were exercised.
+    assert!(accepted > 1000 && refused > 1000, "{accepted} {refused}");
+}
+
+/// `read` with a filter (the scanning path) returns exactly the records that the filter
+/// matches on the fully decoded log, over random logs and random filters.
+#[test]
+fn filtered_reading_matches_filtering_decoded_records() {
+    let d = Dir::new("filtered");
+    let mut rng = Rng(0xdead_beef_cafe_f00d);
+    let mut w = AuditWriter::open_with(
+        &d.0,
+        Options {
+            segment_bytes: 16 << 10,
+            fsync: FsyncPolicy::Never,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    for _ in 0..3000 {
+        let r = rng.record();
+        let ns = r.time_ns.unsigned_abs() % (1 << 62);
+        w.append(SystemTime::UNIX_EPOCH + Duration::from_nanos(ns), r.event)
+            .unwrap();
+    }
+    w.close().unwrap();
+    assert!(segment::list(&d.0).unwrap().len() > 3);
+    let all = read_all(&d.0).unwrap();
+    let mut nonempty = 0;
+    for _ in 0..300 {
+        let mut f = rng.filter();
+        if rng.below(3) == 0 {
+            // Times that split the log.
+            f.since_ns = Some(all[rng.below(all.len() as u64) as usize].time_ns);
+        }
+        let expected: Vec<&Record> = all.iter().filter(|r| f.matches(r)).collect();
+        let got: Vec<Record> = AuditReader::open(&d.0)
+            .unwrap()
+            .matching(&f)
+            .collect::<anyhow::Result<_>>()
+            .unwrap();
+        assert_eq!(got.iter().collect::<Vec<_>>(), expected, "{f:?}");
+        nonempty += !got.is_empty() as usize;
+    }
+    assert!(
+        nonempty > 50,
+        "too few filters matched anything: {nonempty}"
+    );
+}
+
+/// Damage that only the decoder would find (a frame with a good checksum around a payload
+/// that does not decode) is still an error when the filter rejects the record.
+#[test]
+fn filtered_reading_still_reports_undecodable_records() {
+    let d = Dir::new("filtered-bad");
+    let mut w = AuditWriter::open(&d.0).unwrap();
+    for e in every_kind() {
+        w.append(t0(), e).unwrap();
+    }
+    w.close().unwrap();
+    let (_, path) = segment::list(&d.0).unwrap()[0].clone();
+    rewrite_segment(&path, |frames| {
+        // The conn_deny's reason set to an unknown DenyReason, checksum recomputed.
+        let f = &mut frames[3];
+        let mut body = f[8..].to_vec();
+        let rec: Record = segment::decode_payload(&body[1..]).unwrap();
+        assert_eq!(rec.event.kind(), "conn_deny");
+        // ... reason, rule tag, rule length, rule, suppressed (one byte each but the rule).
+        let at = body.len() - 1 - "deny 10.1.2.0/24".len() - 3;
+        assert_eq!(body[at], 0, "DenyReason::Acl");
+        body[at] = 9;
+        let mut frame = f[..4].to_vec();
+        frame.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+        frame.extend_from_slice(&body);
+        *f = frame;
+    });
+    let f = filter::Filter {
+        kinds: vec!["daemon_stop".into()],
+        ..Default::default()
+    };
+    let err = AuditReader::open(&d.0)
+        .unwrap()
+        .matching(&f)
+        .collect::<anyhow::Result<Vec<_>>>()
+        .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("undecodable record") && msg.contains("offset"),
+        "{msg}"
+    );
+}
+
+/// A frame with a good checksum around a payload whose string claims to be enormous is damage
+/// for `read` (with and without a filter) and `verify`, never an attempt to allocate that much.
+#[test]
+fn huge_lengths_inside_a_valid_frame_are_errors() {
+    let d = Dir::new("huge-len");
+    let mut w = AuditWriter::open(&d.0).unwrap();
+    for e in every_kind() {
+        w.append(t0(), e).unwrap();
+    }
+    w.close().unwrap();
+    let (_, path) = segment::list(&d.0).unwrap()[0].clone();
+    rewrite_segment(&path, |frames| {
+        // daemon_stop { reason }: seq, time, variant, then the reason's length.
+        let f = &mut frames[4];
+        let rec: Record = segment::decode_payload(&f[9..]).unwrap();
+        assert_eq!(rec.event.kind(), "daemon_stop");
+        let mut body = vec![segment::FRAME_RECORD];
+        body.extend_from_slice(
+            &bincode::serde::encode_to_vec(rec.seq, segment::bincode_config()).unwrap(),
+        );
+        body.extend_from_slice(
+            &bincode::serde::encode_to_vec(rec.time_ns, segment::bincode_config()).unwrap(),
+        );
+        body.push(1); // DaemonStop
+        body.push(253);
+        body.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        body.extend_from_slice(b"signal");
+        let mut frame = (body.len() as u32).to_le_bytes().to_vec();
+        frame.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+        frame.extend_from_slice(&body);
+        *f = frame;
+    });
+    let all: anyhow::Result<Vec<Record>> = AuditReader::open(&d.0).unwrap().collect();
+    assert!(format!("{:#}", all.unwrap_err()).contains("undecodable record"));
+    let f = filter::Filter {
+        kinds: vec!["daemon_stop".into()],
+        ..Default::default()
+    };
+    let some: anyhow::Result<Vec<Record>> = AuditReader::open(&d.0).unwrap().matching(&f).collect();
+    assert!(some.is_err());
+    let damage = verify::verify(&d.0, None).unwrap_err();
+    assert!(damage.what.contains("undecodable record"), "{damage}");
+}

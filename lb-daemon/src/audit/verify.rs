@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use super::{
     Event, SealKey,
     record::rfc3339,
-    segment::{self, Frame, SegmentReader},
+    scan,
+    segment::{self, Raw, SegmentReader},
 };
 
 /// What an intact log holds.
@@ -48,6 +49,12 @@ impl std::fmt::Display for Damage {
         }
         write!(f, ": {}", self.what)
     }
+}
+
+/// A record as verify reads it: its seq, and the event where verify looks into it.
+struct Scanned {
+    seq: u64,
+    event: Option<Event>,
 }
 
 pub fn verify(dir: &Path, key: Option<SealKey>) -> Result<Report, Damage> {
@@ -123,18 +130,38 @@ pub fn verify(dir: &Path, key: Option<SealKey>) -> Result<Report, Damage> {
         loop {
             let offset = r.offset;
             match r
-                .next_frame()
+                .next_raw()
                 .map_err(|e| damage(path, offset, next_seq, e.to_string()))?
             {
-                Frame::End => break,
-                Frame::Bad { offset, why } => {
+                Raw::End => break,
+                Raw::Bad { offset, why } => {
                     if *index == last_index && why.starts_with("truncated") {
                         report.torn_tail_bytes = r.len - offset;
                         break;
                     }
                     return Err(damage(path, offset, next_seq, why));
                 }
-                Frame::Record(rec) => {
+                Raw::Record => {
+                    // Every record is checked to decode, but only the kinds verify reads are
+                    // decoded in full.
+                    let fields = scan::scan(r.payload()).map_err(|scan::Invalid(why)| {
+                        let why = segment::decode_payload(r.payload())
+                            .err()
+                            .unwrap_or_else(|| format!("undecodable record: {why}"));
+                        damage(path, offset, next_seq, why)
+                    })?;
+                    let event = match fields.kind {
+                        "checkpoint" | "loss" | "recovery" | "segment_deleted" => Some(
+                            segment::decode_payload(r.payload())
+                                .map_err(|why| damage(path, offset, Some(fields.seq), why))?
+                                .event,
+                        ),
+                        _ => None,
+                    };
+                    let rec = Scanned {
+                        seq: fields.seq,
+                        event,
+                    };
                     let expected = next_seq.unwrap_or(rec.seq);
                     if rec.seq != expected {
                         return Err(damage(
@@ -145,7 +172,7 @@ pub fn verify(dir: &Path, key: Option<SealKey>) -> Result<Report, Damage> {
                         ));
                     }
                     match &rec.event {
-                        Event::Checkpoint(c) => {
+                        Some(Event::Checkpoint(c)) => {
                             if c.head != head {
                                 return Err(damage(
                                     path,
@@ -189,13 +216,13 @@ pub fn verify(dir: &Path, key: Option<SealKey>) -> Result<Report, Damage> {
                             report.checkpoints += 1;
                             report.proven_through = rec.seq.checked_sub(1);
                         }
-                        Event::Loss(l) => report.losses.push((
+                        Some(Event::Loss(l)) => report.losses.push((
                             l.source.clone(),
                             l.count,
                             format!("{} .. {}", rfc3339(l.since_ns), rfc3339(l.until_ns)),
                         )),
-                        Event::Recovery(_) => report.recoveries += 1,
-                        Event::SegmentDeleted(d) => deleted.push(d.index),
+                        Some(Event::Recovery(_)) => report.recoveries += 1,
+                        Some(Event::SegmentDeleted(d)) => deleted.push(d.index),
                         _ => {}
                     }
                     head = segment::chain(&head, &r.last_frame);

@@ -191,11 +191,8 @@ fn read(dir: &std::path::Path, format: Format, filter: &Filter) -> anyhow::Resul
     if let Format::Csv = format {
         writeln!(out, "{}", CSV_COLUMNS.join(","))?;
     }
-    for rec in reader {
-        let rec = rec?;
-        if filter.matches(&rec) {
-            print(&mut out, format, &rec)?;
-        }
+    for rec in reader.matching(filter) {
+        print(&mut out, format, &rec?)?;
     }
     out.flush()?;
     Ok(())
@@ -288,11 +285,8 @@ fn stats(dir: &std::path::Path, filter: &Filter, top: usize) -> anyhow::Result<(
     let mut denies: BTreeMap<(String, String), u64> = BTreeMap::new();
     let mut per_minute: BTreeMap<i64, u64> = BTreeMap::new();
     let mut records = 0u64;
-    for rec in AuditReader::open(dir)? {
+    for rec in AuditReader::open(dir)?.matching(filter) {
         let rec = rec?;
-        if !filter.matches(&rec) {
-            continue;
-        }
         records += 1;
         match &rec.event {
             Event::ConnOpen(o) => {
