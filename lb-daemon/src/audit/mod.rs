@@ -124,7 +124,8 @@ impl AuditWriter {
 
     /// Opens (creating if needed) the log directory; continues an existing log (`seq` and the
     /// hash chain go on) or starts a new one at `seq` 1. A torn record at the end of the last
-    /// segment (a write cut short by a crash) is cut off and a `recovery` record says so.
+    /// segment (a write cut short by a crash) is cut off and a `recovery` record says so; a
+    /// damaged record with whole records after it is refused (an error), never cut off.
     pub fn open_with(dir: &Path, opts: Options) -> anyhow::Result<AuditWriter> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let seal = match (&opts.seal_key, SealKey::load_state(dir)?) {
@@ -172,6 +173,20 @@ impl AuditWriter {
                 }
                 Frame::End => break reader.offset,
                 Frame::Bad { offset, why } => {
+                    // A write cut short leaves nothing whole after it. A bad frame followed by
+                    // a good one is damage, not a crash: cutting it off would destroy the
+                    // records after it, so the log is left as it is for an investigation.
+                    if reader.offset > offset
+                        && matches!(reader.next_raw(), Ok(segment::Raw::Record))
+                    {
+                        bail!(
+                            "{}: the record at offset {offset} is damaged ({why}) and whole records follow it: \
+                             this is not a write cut short by a crash, so nothing is cut off. \
+                             `lb-audit verify` shows the damage; keep this directory as evidence and start \
+                             the daemon on a new --audit-dir",
+                            path.display()
+                        );
+                    }
                     warn!(segment = %path.display(), offset, why, "cutting off a torn record at the end of the audit log");
                     torn = Some(Recovery {
                         segment: index,

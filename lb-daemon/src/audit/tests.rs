@@ -191,6 +191,19 @@ fn damage_in_the_middle_is_an_error_naming_the_place() {
         err.contains("00000001.lbaudit") && err.contains("offset 128") && err.contains("checksum"),
         "{err}"
     );
+    // The writer does not take damage followed by whole records for a torn tail: it refuses
+    // to append, and cuts nothing off.
+    let before = std::fs::read(&seg).unwrap();
+    let err = format!("{:#}", AuditWriter::open(&d.0).err().expect("refused"));
+    assert!(
+        err.contains("offset 128") && err.contains("not a write cut short"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&seg).unwrap(),
+        before,
+        "the segment is left as it was"
+    );
 }
 
 #[test]
