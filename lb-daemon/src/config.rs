@@ -559,12 +559,7 @@ pub fn add_backend(
 ) -> Result<(), String> {
     let total: usize = services.iter().map(|s| s.backends.len()).sum();
     let svc = find_service(services, service)?;
-    if addr.is_ipv4() != svc.vip.is_ipv4() {
-        return Err(format!(
-            "address family differs from the service's VIP {}",
-            svc.vip
-        ));
-    }
+    same_family(svc, addr.ip())?;
     if addr.port() == 0 {
         return Err("port 0 is not a valid backend port".into());
     }
@@ -594,12 +589,7 @@ pub fn add_rule(
 ) -> Result<(), String> {
     let total: usize = services.iter().map(|s| s.allow.len() + s.deny.len()).sum();
     let svc = find_service(services, service)?;
-    if net.addr.is_ipv4() != svc.vip.is_ipv4() {
-        return Err(format!(
-            "address family differs from the service's VIP {}",
-            svc.vip
-        ));
-    }
+    same_family(svc, net.addr)?;
     if svc.allow.contains(&net) || svc.deny.contains(&net) {
         return Err("a rule for this prefix already exists".into());
     }
@@ -615,6 +605,17 @@ pub fn add_rule(
         svc.deny.push(net)
     }
     Ok(())
+}
+
+fn same_family(svc: &ServiceSpec, ip: IpAddr) -> Result<(), String> {
+    if ip.is_ipv4() == svc.vip.is_ipv4() {
+        Ok(())
+    } else {
+        Err(format!(
+            "address family differs from the service's VIP {}",
+            svc.vip
+        ))
+    }
 }
 
 fn find_service<'a>(

@@ -258,6 +258,23 @@ fn roles_are_enforced_and_a_drain_is_proven() {
     );
 }
 
+/// (address, weight) of a list of backends, sorted; the address is in field `addr_field`.
+fn addr_weights(list: &serde_json::Value, addr_field: &str) -> Vec<(String, u64)> {
+    let mut b: Vec<_> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b[addr_field].as_str().unwrap().to_string(),
+                b["weight"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    b.sort();
+    b
+}
+
 /// `lb-audit config --at` rebuilds, from the log alone, what the daemon had at each moment.
 fn config_at(audit: &Path, at: Option<&str>) -> serde_json::Value {
     let mut cmd = Command::new(lb_tests::bin("lb-audit").unwrap());
@@ -400,20 +417,7 @@ fn run_time_changes_take_effect_and_the_log_rebuilds_them() {
     let backends_of = |svc: &str| -> Vec<(String, u64)> {
         let (code, out, _) = lbctl(&socket, 0, &["--json", "backends", svc]);
         assert_eq!(code, 0);
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        let mut b: Vec<_> = v
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|b| {
-                (
-                    b["backend"].as_str().unwrap().to_string(),
-                    b["weight"].as_u64().unwrap(),
-                )
-            })
-            .collect();
-        b.sort();
-        b
+        addr_weights(&serde_json::from_str(&out).unwrap(), "backend")
     };
     let live_backends = [backends_of("web"), backends_of("api")];
     ok(&["service", "remove", "api"]);
@@ -437,19 +441,7 @@ fn run_time_changes_take_effect_and_the_log_rebuilds_them() {
             .iter()
             .find(|s| s["name"] == name)
             .unwrap_or_else(|| panic!("no {name} in {cfg}"));
-        let mut b: Vec<_> = s["backends"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|b| {
-                (
-                    b["addr"].as_str().unwrap().to_string(),
-                    b["weight"].as_u64().unwrap(),
-                )
-            })
-            .collect();
-        b.sort();
-        b
+        addr_weights(&s["backends"], "addr")
     };
     assert!(
         services_then.iter().all(|s| s["name"] != "api"),
