@@ -42,8 +42,8 @@ use aya_ebpf::{
 use lb_common::{
     ACL_LOOKUP_PREFIX, AF_INET, AF_INET6, AclKey, AclRule, Backend, CONNTRACK_MAX, Config,
     ConnEvent, EVENTS_RING_BYTES, Flow, FlowKey, HopCache, MAGLEV_TABLE_SIZE, MAX_ACL_RULES,
-    MAX_BACKENDS, MAX_SERVICES, NextHop, PROTO_TCP, PROTO_UDP, SNAT_HISTORY_SLOTS, SOURCES_MAX,
-    ServiceInfo, ServiceKey, SourceKey, SourceState, VipKey, acl_action, close_reason,
+    MAX_BACKENDS, MAX_SERVICES, NextHop, PROTO_TCP, PROTO_UDP, SEQ_BASED, SNAT_HISTORY_SLOTS,
+    SOURCES_MAX, ServiceInfo, ServiceKey, SourceKey, SourceState, VipKey, acl_action, close_reason,
     config_flags, deny_reason, event_kind, flow_dir, flow_state, open_reason, service_flags, stat,
 };
 
@@ -194,7 +194,8 @@ pub struct Packet {
     flags: u8,
     _pad0: u8,
     _pad1: u16,
-    _pad2: u32,
+    /// TCP sequence number, host byte order (0 for UDP).
+    seq: u32,
 }
 
 /// Scratch space for the packet being handled (one per CPU; XDP runs to completion).
@@ -312,7 +313,13 @@ fn transport(
     let _: *mut u16 = ptr_at(ctx, l4 + csum_off)?;
     let l4p: *mut L4Ports = ptr_at(ctx, l4)?;
     // SAFETY: bounds-checked by `ptr_at`.
-    let (sport, dport) = unsafe { (rd(&raw const (*l4p).source), rd(&raw const (*l4p).dest)) };
+    let (sport, dport, word1) = unsafe {
+        (
+            rd(&raw const (*l4p).source),
+            rd(&raw const (*l4p).dest),
+            rd(&raw const (*l4p).word1),
+        )
+    };
     // SAFETY: plain copies into the scratch value.
     unsafe {
         copy::addr(&raw mut out.key.src, &src);
@@ -326,6 +333,11 @@ fn transport(
     out.l4 = l4 as u64;
     out.payload = payload as u64;
     out.flags = flags;
+    out.seq = if proto == PROTO_TCP {
+        u32::from_be(word1)
+    } else {
+        0
+    };
     Ok(true)
 }
 
@@ -549,9 +561,14 @@ fn try_follow(ctx: &XdpContext, pkt: &Packet, e: *mut Flow) -> Result<u32, ()> {
         f.nat_dport,
         &f.hop,
     )?;
+    if pkt.key.proto == PROTO_TCP {
+        count_tcp_bytes(pkt, e);
+    } else {
+        // SAFETY: as above.
+        unsafe { atomic::add(&raw mut (*e).bytes, pkt.payload) };
+    }
     // SAFETY: as above.
     unsafe {
-        atomic::add(&raw mut (*e).bytes, pkt.payload);
         atomic::add(&raw mut (*e).packets, 1);
         (*e).last_seen_ns = bpf_ktime_get_coarse_ns();
     }
@@ -564,6 +581,62 @@ fn try_follow(ctx: &XdpContext, pkt: &Packet, e: *mut Flow) -> Result<u32, ()> {
         stat::REPLIED
     });
     Ok(transmit(ctx, f.hop.ifindex))
+}
+
+/// Largest advance of the sequence space one TCP segment may count: the largest window TCP can
+/// offer (2^30 bytes, window scale 14). A segment ending further ahead than that, or not ahead
+/// at all (a retransmission, or behind by up to 2^31), counts nothing and moves nothing.
+const MAX_SEQ_ADVANCE: u32 = 1 << 30;
+/// Compare-and-swap attempts per segment; each failure means another CPU has just counted.
+const COUNT_TRIES: u32 = 4;
+
+/// Counts a TCP segment's bytes as the advance of its direction's sequence space: only bytes
+/// beyond the highest sequence number counted so far (`seq_base + bytes`, 32-bit, wrap-around
+/// safe). A retransmitted segment adds nothing, a partly overlapping one only its new bytes; an
+/// out-of-order segment counts the gap before it too, which the gap's own segment then does
+/// not count again. The first packet of a direction sets the base (a SYN takes one sequence
+/// number before its payload); segments without payload count nothing, so a FIN's sequence
+/// number, which the next ACK steps over, is never a byte.
+///
+/// Both directions of a flow may be handled on several CPUs at once: the base is set with a
+/// compare-and-swap from 0, so one packet's base wins, and `bytes` is raised with a
+/// compare-and-swap from the value the advance was computed against, so two CPUs never count
+/// the same bytes. A CPU that loses `COUNT_TRIES` races in a row leaves its segment's new bytes
+/// uncounted (they would be counted again by the next segment beyond them): the count errs
+/// only towards fewer, never more.
+#[inline(always)]
+fn count_tcp_bytes(pkt: &Packet, e: *mut Flow) {
+    let start = pkt.seq.wrapping_add((pkt.flags & TCP_SYN != 0) as u32);
+    // SAFETY: `e` points into FLOWS for the duration of this run; both fields are aligned u64s
+    // that other CPUs only change atomically.
+    unsafe {
+        let mut base = atomic::load(&raw const (*e).seq_base);
+        if base == 0 {
+            let want = SEQ_BASED | start as u64;
+            base = match atomic::cmpxchg(&raw mut (*e).seq_base, 0, want) {
+                0 => want,
+                other => other,
+            };
+        }
+        // A segment without payload moves nothing: the sequence number after a FIN (that of
+        // the final ACK) is not a byte.
+        if pkt.payload == 0 {
+            return;
+        }
+        let end = start.wrapping_add(pkt.payload as u32);
+        let mut old = atomic::load(&raw const (*e).bytes);
+        for _ in 0..COUNT_TRIES {
+            let advance = end.wrapping_sub((base as u32).wrapping_add(old as u32));
+            if advance == 0 || advance > MAX_SEQ_ADVANCE {
+                return;
+            }
+            let seen = atomic::cmpxchg(&raw mut (*e).bytes, old, old + advance as u64);
+            if seen == old {
+                return;
+            }
+            old = seen;
+        }
+    }
 }
 
 #[inline(always)]
@@ -701,6 +774,12 @@ fn try_open_flow(ctx: &XdpContext, pkt: &Packet, svc: &ServiceInfo) -> Result<()
         f.bytes = pkt.payload;
         f.packets = 1;
         f.state = 0;
+        // A SYN's payload (TCP Fast Open) starts one past its sequence number.
+        f.seq_base = if key.proto == PROTO_TCP {
+            SEQ_BASED | pkt.seq.wrapping_add(1) as u64
+        } else {
+            0
+        };
         copy::addr(&raw mut f.nat_src, &be.snat_addr);
         copy::addr(&raw mut f.nat_dst, &be.addr);
         f.nat_sport = 0; // chosen below
@@ -719,6 +798,7 @@ fn try_open_flow(ctx: &XdpContext, pkt: &Packet, svc: &ServiceInfo) -> Result<()
         r.bytes = 0;
         r.packets = 0;
         r.state = 0;
+        r.seq_base = 0; // set by the backend's first packet (its SYN-ACK)
         r.service_id = svc.id;
         r.backend_idx = backend_idx;
         r.generation = svc.generation;
