@@ -180,7 +180,8 @@ fn not_handled(dst: &[u32; 4], af: u8, index: u32) -> Result<u32, ()> {
         (*key).af = af;
         (*key)._pad0 = 0;
         (*key)._pad1 = 0;
-        VIPS.get(&*key).is_some()
+        let key: &VipKey = &*key;
+        VIPS.get(key).is_some()
     };
     if is_vip { drop_with(index) } else { pass() }
 }
@@ -537,7 +538,8 @@ fn try_steer(ctx: &XdpContext, pkt: &mut Packet) -> Result<u32, ()> {
         unsafe {
             let key = &raw mut (*k).old_peer;
             *key = (*old).peer_key(pkt.key.proto, pkt.key.af);
-            let _ = FLOWS.remove(&*key);
+            let key: &FlowKey = &*key;
+            let _ = FLOWS.remove(key);
         }
     }
     // Field by field, word-sized: a struct copy could become a byte loop.
@@ -896,7 +898,8 @@ fn try_open_flow(ctx: &XdpContext, pkt: &Packet, svc: &ServiceInfo) -> Result<()
         unsafe {
             let peer = &raw mut (*k).failed_peer;
             *peer = fwd.peer_key(key.proto, key.af);
-            let _ = FLOWS.remove(&*peer);
+            let peer: &FlowKey = &*peer;
+            let _ = FLOWS.remove(peer);
         }
         return Err(deny_code(deny_reason::CONNTRACK_FULL, NO_RULE));
     }
@@ -941,8 +944,8 @@ fn check_acl(key: &FlowKey, svc: &ServiceInfo) -> Refusal {
 #[inline(always)]
 fn source_key(key: &FlowKey, svc: &ServiceInfo) -> Option<&'static SourceKey> {
     let k = keys().ok()?;
-    // SAFETY: per-CPU scratch; this field is used by `take_token` and `deny`, never both in
-    // one run.
+    // SAFETY: per-CPU scratch; this field is used by `take_token` and then, for a refused
+    // flow, by `deny`, one after the other: the key `take_token` used is dead by then.
     unsafe {
         let s = &raw mut (*k).src;
         copy::addr(&raw mut (*s).addr, &key.src);
@@ -1167,6 +1170,8 @@ fn snat_held(slot: u32, owner: u32, now: u32) -> u32 {
 /// candidate is held, the free one released longest ago; when none is free, the flow is
 /// refused. A range no larger than the tries is walked whole. Returns the port (network byte
 /// order), or a refusal (greater than any port).
+// `&*rkey`, not `*rkey`: a key passed by value would be copied onto the stack.
+#[allow(clippy::needless_borrows_for_generic_args)]
 #[inline(never)]
 fn reserve_snat_port(key: &FlowKey, be: &Backend, cfg: &Config, rev: &Flow, hash: u32) -> u64 {
     let (min, max) = (cfg.snat_port_min as u32, cfg.snat_port_max as u32);
@@ -1178,7 +1183,7 @@ fn reserve_snat_port(key: &FlowKey, be: &Backend, cfg: &Config, rev: &Flow, hash
         return deny_code(deny_reason::SNAT_EXHAUSTED, NO_RULE);
     };
     // SAFETY: per-CPU scratch, this field used only here.
-    let rkey = unsafe { &mut *(&raw mut (*k).snat) };
+    let rkey = unsafe { &mut (*k).snat };
     // SAFETY: plain copies between map values.
     unsafe {
         copy::addr(&raw mut rkey.src, &be.addr);
@@ -1599,7 +1604,7 @@ fn try_icmp_translate4(ctx: &XdpContext, l4: usize, ck: &FlowKey) -> Result<(), 
     let ports: *mut L4Ports = ptr_at(ctx, l4 + ICMP_HLEN + 20)?;
     // SAFETY: every pointer is bounds-checked by `ptr_at`.
     unsafe {
-        let from = &mut *(&raw mut (*keys()?).icmp);
+        let from = &mut (*keys()?).icmp;
         from.src = [rd(&raw const (*iip).saddr), 0, 0, 0];
         from.dst = [rd(&raw const (*iip).daddr), 0, 0, 0];
         from.sport = rd(&raw const (*ports).source);
@@ -1610,7 +1615,7 @@ fn try_icmp_translate4(ctx: &XdpContext, l4: usize, ck: &FlowKey) -> Result<(), 
         let ic = icmp_quoted_ports(
             ctx,
             l4 + ICMP_HLEN + 20,
-            &from,
+            from,
             ck,
             rd(&raw const (*icmp).check),
         );
@@ -1661,7 +1666,7 @@ fn try_icmp_translate6(ctx: &XdpContext, l4: usize, ck: &FlowKey) -> Result<(), 
     let ports: *mut L4Ports = ptr_at(ctx, l4 + ICMP_HLEN + IPV6_HLEN)?;
     // SAFETY: every pointer is bounds-checked by `ptr_at`.
     unsafe {
-        let from = &mut *(&raw mut (*keys()?).icmp);
+        let from = &mut (*keys()?).icmp;
         copy::addr(&raw mut from.src, &raw const (*iip).saddr);
         copy::addr(&raw mut from.dst, &raw const (*iip).daddr);
         from.sport = rd(&raw const (*ports).source);
@@ -1672,7 +1677,7 @@ fn try_icmp_translate6(ctx: &XdpContext, l4: usize, ck: &FlowKey) -> Result<(), 
         let ic = icmp_quoted_ports(
             ctx,
             l4 + ICMP_HLEN + IPV6_HLEN,
-            &from,
+            from,
             ck,
             rd(&raw const (*icmp).check),
         );

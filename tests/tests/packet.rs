@@ -679,8 +679,8 @@ fn access_rules_longest_prefix_wins_and_deny_records_are_limited() {
             .rules
             .iter()
             .find(|r| !r.allow)
-            .unwrap()
-            .clone();
+            .copied()
+            .unwrap();
         assert_eq!(ev[0].rule, deny_rule.id);
         assert_eq!(deny_rule.describe(), "deny 10.1.2.0/24");
         assert_eq!(
