@@ -275,6 +275,9 @@ pub mod flow_state {
     pub const CLOSED: u64 = 4;
 }
 
+/// `Flow::seq_base` flag: the low 32 bits hold this direction's base sequence number.
+pub const SEQ_BASED: u64 = 1 << 32;
+
 /// Direction of a `FLOWS` entry (`Flow::dir`).
 pub mod flow_dir {
     /// Keyed by the client's packets (client → VIP).
@@ -298,13 +301,21 @@ pub struct Flow {
     pub opened_ns: u64,
     /// CLOCK_MONOTONIC_COARSE nanoseconds of this direction's last packet.
     pub last_seen_ns: u64,
-    /// Transport payload bytes in this direction, added atomically.
+    /// Transport payload bytes in this direction. UDP: every datagram's payload, added
+    /// atomically. TCP: the advance of this direction's sequence space past `seq_base`, so a
+    /// retransmitted or overlapping segment adds only bytes not counted before; raised with a
+    /// compare-and-swap (see `seq_base`).
     pub bytes: u64,
     /// Packets in this direction, added atomically.
     pub packets: u64,
     /// `flow_state` bits, updated atomically (64-bit: the BPF CPU baseline has no 32-bit
     /// fetch-or).
     pub state: u64,
+    /// TCP: `SEQ_BASED | s`, where `s` is the sequence number of this direction's first
+    /// payload byte (the first packet's sequence number, plus one for a SYN), set once by
+    /// that packet; 0 before (and for UDP). The highest sequence number counted so far is
+    /// `s + bytes` (mod 2^32).
+    pub seq_base: u64,
     /// Source address written into this direction's packets (SNAT address, or the VIP).
     pub nat_src: [u32; 4],
     /// Destination address written (the backend, or the client).
@@ -529,7 +540,7 @@ mod tests {
         assert_eq!(size_of::<SourceState>(), 32);
         assert_eq!(size_of::<Backend>(), 40);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<Flow>(), 6 * 8 + 32 + 4 + 12 + 16 + 8);
+        assert_eq!(size_of::<Flow>(), 7 * 8 + 32 + 4 + 12 + 16 + 8);
         assert_eq!(size_of::<NextHop>(), 16);
         assert_eq!(size_of::<ConnEvent>(), 8 + 8 + 8 + 8 + 64 + 8 + 8 + 32);
         assert_eq!(size_of::<Config>(), 16);

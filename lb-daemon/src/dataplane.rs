@@ -76,7 +76,7 @@ pub struct Dataplane {
 
 /// Bumped whenever the layout or meaning of a map's key or value changes, so that a daemon
 /// never adopts state written by an incompatible build.
-const STATE_LAYOUT: u32 = 1;
+const STATE_LAYOUT: u32 = 2;
 
 impl Dataplane {
     /// Loads the object and the XDP program into the kernel, without attaching it, and with

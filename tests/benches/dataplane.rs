@@ -212,7 +212,9 @@ fn measure(repeat: u32) -> Vec<Row> {
         dp.stats().unwrap()
     );
     let prog = dp.program().unwrap();
-    let established = packet::tcp_frame(client, tcp_vip, TCP_ACK, 1, &[0u8; 64]);
+    // The SYN's sequence number is 1000: this segment carries bytes 1001..1065. Repeated, it is
+    // a retransmission after the first run (counted as a packet, adding no bytes).
+    let established = packet::tcp_frame(client, tcp_vip, TCP_ACK, 1001, &[0u8; 64]);
     let udp = packet::frame(client, udp_vip, L4::Udp, &[0u8; 64]);
     assert_eq!(
         once(prog, &udp),
@@ -229,6 +231,40 @@ fn measure(repeat: u32) -> Vec<Row> {
     let prog = dp.program().unwrap();
     let udp_ns = repeated(prog, &udp, XDP_REDIRECT, repeat);
     let deny_ns = repeated(prog, &ssh, XDP_DROP, repeat);
+
+    // Established segments that each carry new bytes (the sequence-space mark advances with a
+    // compare-and-swap every time): distinct frames, once each, against the pass program run
+    // the same way on the same frames.
+    let seg = |i: u32| {
+        packet::tcp_frame(
+            client,
+            tcp_vip,
+            TCP_ACK,
+            1065u32.wrapping_add(i.wrapping_mul(64)),
+            &[0u8; 64],
+        )
+    };
+    let advancing_n = repeat.min(200_000);
+    let pass_seg = once_each(&mut dp, true, (0..advancing_n).map(seg), XDP_PASS, |_| {});
+    let advancing = once_each(
+        &mut dp,
+        false,
+        (0..advancing_n).map(seg),
+        XDP_REDIRECT,
+        |_| {},
+    );
+    let bytes = dp
+        .flows()
+        .unwrap()
+        .iter()
+        .find(|p| p.key.proto == lb_common::PROTO_TCP)
+        .expect("the TCP benchmark flow")
+        .fwd
+        .bytes;
+    assert!(
+        bytes == 64 * (advancing_n as u64 + 1),
+        "every advancing segment counted once: {bytes}"
+    );
 
     // New flows: distinct SYNs, once each. Between batches of 8192 (outside the measured
     // time) the ring buffer is drained, as the daemon does, and the flows are removed, as they
@@ -298,6 +334,18 @@ fn measure(repeat: u32) -> Vec<Row> {
             name: "ACL deny",
             ns: deny_ns,
             ratio: deny_ns / floor,
+            target: "",
+        },
+        Row {
+            name: "XDP_PASS program, one run per call, TCP segments (floor)",
+            ns: pass_seg,
+            ratio: 1.0,
+            target: "",
+        },
+        Row {
+            name: "established TCP forward, new bytes in every segment, one run per call",
+            ns: advancing,
+            ratio: advancing / pass_seg,
             target: "",
         },
         Row {

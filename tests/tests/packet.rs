@@ -326,6 +326,219 @@ fn tcp_ipv4_flow_is_natted_and_tracked_through_close() {
     });
 }
 
+/// Bytes and packets so far of the only flow in the table: `[to backend, to client]` each.
+fn counts(fx: &mut Fixture) -> ([u64; 2], [u64; 2]) {
+    let flows = fx.dp.flows().unwrap();
+    assert_eq!(flows.len(), 1, "one flow in the table");
+    let rev = flows[0].rev.expect("reply entry");
+    (
+        [flows[0].fwd.bytes, rev.bytes],
+        [flows[0].fwd.packets, rev.packets],
+    )
+}
+
+/// TCP bytes are the advance of each direction's sequence space: a retransmitted segment adds
+/// nothing, an out-of-order segment and then the gap count each byte once, a partly overlapping
+/// segment counts only its new bytes, segments far behind or beyond any window count nothing,
+/// the reply direction's numbers wrap around 2^32, SYN and FIN take a sequence number but are
+/// not bytes; packets are counted as seen. The close record carries exactly those counts.
+#[test]
+fn tcp_bytes_count_each_sequence_number_once() {
+    if !root("tcp_bytes_count_each_sequence_number_once") {
+        return;
+    }
+    let ns = setup_ns();
+    ns.enter(|| {
+        let mut fx = fixture(vec![service(
+            "web",
+            Proto::Tcp,
+            "10.0.0.100:80",
+            &["10.0.2.2:8080"],
+        )]);
+        let (c, v) = (client("10.0.1.2", 33334), vip("10.0.0.100", 80));
+        let backend = end("10.0.2.2", 8080, fx.mac);
+        let data = [5u8; 300];
+        let fwd = |fx: &mut Fixture, flags: u8, seq: u32, len: usize| {
+            let (a, out) = run(fx, &packet::tcp_frame(c, v, flags, seq, &data[..len]));
+            assert_eq!(a, XDP_REDIRECT, "client segment {seq}+{len}");
+            assert!(packet::checksums_ok(&out));
+        };
+        // The client's SYN (sequence 1000): its first byte will be 1001.
+        fwd(&mut fx, TCP_SYN, 1000, 0);
+        let snat = end("10.0.2.1", open_port(&mut fx), fx.mac);
+        // The backend's SYN-ACK, 0x100 before the wrap: its first byte is 0xffff_ff01.
+        let isn = 0xffff_ff00u32;
+        let rev = |fx: &mut Fixture, flags: u8, seq: u32, len: usize| {
+            let (a, out) = run(
+                fx,
+                &packet::tcp_frame(backend, snat, flags, seq, &data[..len]),
+            );
+            assert_eq!(a, XDP_TX, "backend segment {seq:#x}+{len}");
+            assert!(packet::checksums_ok(&out));
+        };
+        rev(&mut fx, TCP_SYN | TCP_ACK, isn, 0);
+        assert_eq!(
+            counts(&mut fx),
+            ([0, 0], [1, 1]),
+            "SYN and SYN-ACK are no bytes"
+        );
+
+        let ack = TCP_ACK | TCP_PSH;
+        fwd(&mut fx, ack, 1001, 100); // 1001..1101
+        assert_eq!(counts(&mut fx).0, [100, 0]);
+        fwd(&mut fx, ack, 1001, 100); // retransmitted whole
+        assert_eq!(
+            counts(&mut fx),
+            ([100, 0], [3, 1]),
+            "a retransmission adds no bytes"
+        );
+        fwd(&mut fx, ack, 1201, 100); // out of order: 1101..1201 not seen yet
+        assert_eq!(counts(&mut fx).0, [300, 0], "sequence space up to 1301");
+        fwd(&mut fx, ack, 1101, 100); // the gap, filled
+        assert_eq!(
+            counts(&mut fx).0,
+            [300, 0],
+            "the gap's bytes are counted once"
+        );
+        fwd(&mut fx, ack, 1251, 100); // 1251..1351: 50 old, 50 new
+        assert_eq!(
+            counts(&mut fx).0,
+            [350, 0],
+            "only the new part of an overlap"
+        );
+        fwd(&mut fx, ack, 1, 50); // far behind
+        fwd(&mut fx, ack, 1351 + (1 << 30) + 1, 10); // beyond any TCP window
+        fwd(&mut fx, ack, 1351u32.wrapping_sub(1 << 31), 10); // half the space away
+        assert_eq!(
+            counts(&mut fx),
+            ([350, 0], [9, 1]),
+            "segments outside the window count as packets only"
+        );
+
+        // Reply data across the wrap: 0xffff_ff01 .. 0x2d.
+        rev(&mut fx, ack, isn.wrapping_add(1), 300);
+        assert_eq!(counts(&mut fx).0, [350, 300], "across 2^32");
+        rev(&mut fx, ack, isn.wrapping_add(1 + 200), 100); // last 100 again, after the wrap
+        assert_eq!(
+            counts(&mut fx).0,
+            [350, 300],
+            "retransmission across the wrap"
+        );
+        rev(&mut fx, ack, 0x2d - 20, 64); // 20 old bytes, 44 new
+        assert_eq!(counts(&mut fx).0, [350, 344]);
+
+        // A FIN with 16 bytes from the backend (0x59..0x69, the FIN is 0x69), a retransmission
+        // of it, then the client's FIN: the FINs' sequence numbers are not bytes.
+        rev(&mut fx, TCP_ACK | TCP_FIN, 0x59, 16);
+        rev(&mut fx, TCP_ACK | TCP_FIN, 0x59, 16);
+        assert_eq!(counts(&mut fx), ([350, 360], [9, 6]));
+        assert!(events(&mut fx).is_empty(), "half closed");
+        fwd(&mut fx, TCP_ACK | TCP_FIN, 1351, 0);
+        let ev = events(&mut fx);
+        assert_eq!(ev.len(), 1);
+        let cl = ev[0];
+        assert_eq!(
+            (cl.kind, cl.reason),
+            (event_kind::CONN_CLOSE, close_reason::FIN)
+        );
+        assert_eq!((cl.bytes_to_backend, cl.bytes_to_client), (350, 360));
+        assert_eq!((cl.packets_to_backend, cl.packets_to_client), (10, 6));
+        // The last ACK and a late retransmission after the close change nothing recorded.
+        fwd(&mut fx, TCP_ACK, 1352, 0);
+        fwd(&mut fx, ack, 1251, 100);
+        assert!(events(&mut fx).is_empty());
+        assert_eq!(counts(&mut fx).0, [350, 360]);
+    });
+}
+
+/// The first packet of each direction sets the base: a SYN's own payload (TCP Fast Open) and
+/// data together with a FIN count as bytes, the SYN and FIN themselves do not; the RST close
+/// record carries the exact counts; UDP counts every datagram's payload, repeated or not.
+#[test]
+fn syn_and_fin_with_data_and_udp_repeats_are_counted_exactly() {
+    if !root("syn_and_fin_with_data_and_udp_repeats_are_counted_exactly") {
+        return;
+    }
+    let ns = setup_ns();
+    ns.enter(|| {
+        let mut fx = fixture(vec![
+            service("web", Proto::Tcp, "10.0.0.100:80", &["10.0.2.2:8080"]),
+            service("dns", Proto::Udp, "10.0.0.100:53", &["10.0.2.3:5353"]),
+        ]);
+        let (c, v) = (client("10.0.1.2", 33335), vip("10.0.0.100", 80));
+        let backend = end("10.0.2.2", 8080, fx.mac);
+        // SYN with 20 bytes of data, sequence u32::MAX: its data is 0..20 after the wrap.
+        let (a, _) = run(
+            &mut fx,
+            &packet::tcp_frame(c, v, TCP_SYN, u32::MAX, &[1; 20]),
+        );
+        assert_eq!(a, XDP_REDIRECT);
+        let snat = end("10.0.2.1", open_port(&mut fx), fx.mac);
+        assert_eq!(
+            counts(&mut fx),
+            ([20, 0], [1, 0]),
+            "the SYN's data is counted"
+        );
+        // Retransmitted SYN with the same data: nothing new.
+        run(
+            &mut fx,
+            &packet::tcp_frame(c, v, TCP_SYN, u32::MAX, &[1; 20]),
+        );
+        assert_eq!(counts(&mut fx), ([20, 0], [2, 0]));
+        // SYN-ACK carrying 7 bytes, then a FIN with 5 bytes right after them.
+        let (a, _) = run(
+            &mut fx,
+            &packet::tcp_frame(backend, snat, TCP_SYN | TCP_ACK, 77, &[2; 7]),
+        );
+        assert_eq!(a, XDP_TX);
+        run(
+            &mut fx,
+            &packet::tcp_frame(backend, snat, TCP_ACK | TCP_FIN, 85, &[3; 5]),
+        );
+        // Retransmitted FIN with its data, then the client's data 20..120.
+        run(
+            &mut fx,
+            &packet::tcp_frame(backend, snat, TCP_ACK | TCP_FIN, 85, &[3; 5]),
+        );
+        run(&mut fx, &packet::tcp_frame(c, v, TCP_ACK, 20, &[4; 100]));
+        assert_eq!(counts(&mut fx), ([120, 12], [3, 3]));
+        // The client resets: one close record, exact counts.
+        run(
+            &mut fx,
+            &packet::tcp_frame(c, v, TCP_RST | TCP_ACK, 120, &[]),
+        );
+        let ev = events(&mut fx);
+        assert_eq!(ev.len(), 1);
+        assert_eq!(
+            (ev[0].kind, ev[0].reason),
+            (event_kind::CONN_CLOSE, close_reason::RST)
+        );
+        assert_eq!((ev[0].bytes_to_backend, ev[0].bytes_to_client), (120, 12));
+        assert_eq!((ev[0].packets_to_backend, ev[0].packets_to_client), (4, 3));
+        sweep(&mut fx, "10.0.1.2");
+
+        // UDP has no sequence: the same datagram twice is counted twice.
+        let (c, v) = (client("10.0.1.2", 5000), vip("10.0.0.100", 53));
+        for _ in 0..2 {
+            let (a, _) = run(&mut fx, &packet::frame(c, v, L4::Udp, b"query"));
+            assert_eq!(a, XDP_REDIRECT);
+        }
+        assert_eq!(events(&mut fx).len(), 1, "one open");
+        assert_eq!(counts(&mut fx), ([10, 0], [2, 0]));
+    });
+}
+
+/// The SNAT port of the flow just opened (from its open record, which this consumes).
+fn open_port(fx: &mut Fixture) -> u16 {
+    let ev = events(fx);
+    assert_eq!(
+        (ev.len(), ev[0].kind),
+        (1, event_kind::CONN_OPEN),
+        "one open record"
+    );
+    u16::from_be(ev[0].snat_port)
+}
+
 #[test]
 fn udp_and_ipv6_flows_are_natted_both_ways() {
     if !root("udp_and_ipv6_flows_are_natted_both_ways") {
@@ -466,8 +679,8 @@ fn access_rules_longest_prefix_wins_and_deny_records_are_limited() {
             .rules
             .iter()
             .find(|r| !r.allow)
-            .unwrap()
-            .clone();
+            .copied()
+            .unwrap();
         assert_eq!(ev[0].rule, deny_rule.id);
         assert_eq!(deny_rule.describe(), "deny 10.1.2.0/24");
         assert_eq!(
