@@ -156,9 +156,14 @@ fn print_human(command: &Command, data: &Value) {
                 "idle_s",
             ],
         ),
-        Command::Service { .. } | Command::Backend { .. } | Command::Acl { .. } => println!(
-            "done: configuration generation {}, Maglev generation {}",
-            data["config_generation"], data["maglev_generation"]
-        ),
+        Command::Service { .. } | Command::Backend { .. } | Command::Acl { .. } => {
+            match data["maglev_generation"].as_u64() {
+                Some(m) => println!(
+                    "done: configuration generation {}, Maglev generation {m}",
+                    data["config_generation"]
+                ),
+                None => println!("done: configuration generation {}", data["config_generation"]),
+            }
+        }
     }
 }
