@@ -8,7 +8,7 @@
 //! Daemon pattern: the writer as the daemon drives it under a light load of connections —
 //! records arriving one by one at a fixed rate, each arrival a wake-up — with
 //! `--audit-fsync always`, once syncing at every wake-up and once with group commit (what the
-//! daemon does: a write at every wake-up, the fdatasync at most `GROUP_COMMIT` later), and
+//! daemon does: a write at every wake-up, the fdatasync at most the commit window later), and
 //! without fdatasync as the floor. It reports the writer's CPU per record (getrusage of the
 //! thread: user + system), fdatasyncs, and the longest time a record waited to be durable.
 //!
@@ -22,12 +22,9 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use lb_daemon::{
-    audit::{
-        AuditReader, AuditWriter, CloseReason, ConnClose, ConnOpen, Event, FsyncPolicy, Options,
-        Proto, filter::Filter, verify,
-    },
-    journal::GROUP_COMMIT,
+use lb_daemon::audit::{
+    AuditReader, AuditWriter, CloseReason, ConnClose, ConnOpen, Event, FsyncPolicy, Options, Proto,
+    filter::Filter, verify,
 };
 
 fn arg<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
@@ -222,9 +219,9 @@ enum Commit {
     /// Drain, write and fdatasync at every wake-up (what `always` did before group commit).
     EveryWakeup,
     /// The daemon's group commit: drain and write at a wake-up, leave the ring buffer alone
-    /// until `GROUP_COMMIT` later (the kernel wakes the consumer once more, for the first record
+    /// until the window is over (the kernel wakes the consumer once more, for the first record
     /// after the drain), then drain, write and fdatasync.
-    Group,
+    Group(Duration),
     /// Drain and write at every wake-up, no fdatasync.
     None,
 }
@@ -248,15 +245,19 @@ fn daemon_pattern(base: &Path, rate: f64, secs: f64) {
             Commit::EveryWakeup,
         ),
         (
-            format!("group commit: write at once, fdatasync ≤ {GROUP_COMMIT:?} later"),
-            Commit::Group,
+            "group commit: write at once, fdatasync ≤ 2ms later".to_string(),
+            Commit::Group(Duration::from_millis(2)),
+        ),
+        (
+            "group commit: write at once, fdatasync ≤ 10ms later (the default window)".to_string(),
+            Commit::Group(lb_daemon::journal::DEFAULT_COMMIT_WINDOW),
         ),
         (
             "no fdatasync: write at every wake-up (floor)".to_string(),
             Commit::None,
         ),
     ] {
-        let dir = base.join(format!("daemon-{}", commit as u8));
+        let dir = base.join(format!("daemon-{}", name.len()));
         let r = run_pattern(&dir, commit, rate, secs);
         println!(
             "| {name} | {:.1} | {:.1} | {:.0} | {:.0} | {} | {} |",
@@ -349,7 +350,7 @@ fn run_pattern(dir: &Path, commit: Commit, rate: f64, secs: f64) -> PatternRun {
         }
         let sync_now = match commit {
             Commit::EveryWakeup => true,
-            Commit::Group => due.take().is_some(),
+            Commit::Group(_) => due.take().is_some(),
             Commit::None => false,
         };
         if sync_now {
@@ -360,8 +361,8 @@ fn run_pattern(dir: &Path, commit: Commit, rate: f64, secs: f64) -> PatternRun {
             }
         } else {
             w.flush().unwrap();
-            if commit == Commit::Group {
-                due = Some(Instant::now() + GROUP_COMMIT);
+            if let Commit::Group(window) = commit {
+                due = Some(Instant::now() + window);
                 signalled = false;
             }
         }

@@ -153,6 +153,12 @@ pub struct Args {
     #[arg(long = "audit-checkpoint-interval", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub audit_checkpoint_interval: Duration,
 
+    /// With `--audit-fsync always`: connection records are written at once and made durable
+    /// together at most this long after the first of them (group commit); `0s` syncs every
+    /// batch. Configuration changes and refused requests are always durable before the reply.
+    #[arg(long = "audit-commit-window", value_name = "DURATION", default_value = "10ms", value_parser = parse_commit_window)]
+    pub audit_commit_window: Duration,
+
     /// A TCP flow with no packet for this long is closed (`idle_timeout`).
     #[arg(long = "tcp-idle-timeout", value_name = "DURATION", default_value = "300s", value_parser = parse_duration)]
     pub tcp_idle_timeout: Duration,
@@ -353,6 +359,8 @@ pub struct AuditSettings {
     pub checkpoint_records: u64,
     #[serde(serialize_with = "as_secs")]
     pub checkpoint_interval: Duration,
+    #[serde(serialize_with = "as_secs")]
+    pub commit_window: Duration,
 }
 
 impl Default for AuditSettings {
@@ -368,6 +376,7 @@ impl Default for AuditSettings {
             retain_mib: None,
             checkpoint_records: 1000,
             checkpoint_interval: Duration::from_secs(10),
+            commit_window: crate::journal::DEFAULT_COMMIT_WINDOW,
         }
     }
 }
@@ -495,6 +504,7 @@ impl Args {
                 retain_mib: self.audit_retain_mib,
                 checkpoint_records: self.audit_checkpoint_records,
                 checkpoint_interval: self.audit_checkpoint_interval,
+                commit_window: self.audit_commit_window,
             },
             tcp_idle_timeout: self.tcp_idle_timeout,
             udp_idle_timeout: self.udp_idle_timeout,
@@ -816,6 +826,14 @@ fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
 }
 
 /// Parses `300s`, `5m`, `250ms`, `2h`, or a bare number of seconds.
+fn parse_commit_window(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d > Duration::from_secs(1) {
+        return Err(format!("'{s}': at most 1s"));
+    }
+    Ok(d)
+}
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);

@@ -52,6 +52,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
         checkpoint_records: settings.audit.checkpoint_records,
         checkpoint_interval: settings.audit.checkpoint_interval,
         seal_key,
+        commit_window: settings.audit.commit_window,
     };
     let mut audit = Journal::open(
         settings.audit_dir.clone(),
@@ -166,7 +167,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            // Group commit (journal::GROUP_COMMIT): the records of a wake-up are written at
+            // Group commit (--audit-commit-window): the records of a wake-up are written at
             // once; until they are made durable, the ring buffer is left alone (the kernel does
             // not wake a consumer that has not caught up), then drained again and everything
             // synced together.

@@ -21,12 +21,12 @@ use crate::{
     dataplane::Dataplane,
 };
 
-/// Group commit: with `--audit-fsync always`, records drained from the kernel are written out
-/// at once (`sync_soon`) and made durable by one fdatasync at most this long after the first of
-/// them, together with whatever else arrived in the meantime. Records someone waits on (a
-/// configuration change before its reply) are made durable at once (`sync`), and take any
-/// pending ones with them.
-pub const GROUP_COMMIT: Duration = Duration::from_millis(2);
+/// Group commit (`--audit-commit-window`, this by default): with `--audit-fsync always`,
+/// records drained from the kernel are written out at once (`sync_soon`) and made durable by
+/// one fdatasync at most this long after the first of them, together with whatever else
+/// arrived in the meantime. Records someone waits on (a configuration change before its reply)
+/// are made durable at once (`sync`), and take any pending ones with them.
+pub const DEFAULT_COMMIT_WINDOW: Duration = Duration::from_millis(10);
 
 /// `--audit-on-failure`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -131,7 +131,7 @@ impl Journal {
 
     /// Group commit, for records nobody waits on (those drained from the kernel): with
     /// `--audit-fsync always`, writes them out now — a crash of the daemon no longer loses
-    /// them — and leaves the fdatasync to a `sync` at `commit_due`, at most `GROUP_COMMIT` after
+    /// them — and leaves the fdatasync to a `sync` at `commit_due`, at most the commit window after
     /// the first record written since the last one. With the other policies, `sync`.
     pub fn sync_soon(&mut self) {
         if self.opts.fsync != FsyncPolicy::Always {
@@ -142,7 +142,7 @@ impl Journal {
         match w.flush() {
             Ok(()) if w.unsynced() => {
                 self.commit_due
-                    .get_or_insert_with(|| Instant::now() + GROUP_COMMIT);
+                    .get_or_insert_with(|| Instant::now() + self.opts.commit_window);
             }
             Ok(()) => {}
             Err(e) => self.fail(e, 0),
@@ -281,7 +281,7 @@ mod tests {
 
     /// Group commit: a record that `sync_soon` took is in the file at once (another reader
     /// sees it: a crash of the daemon cannot lose it), and a sync is due within
-    /// `GROUP_COMMIT`; `sync` makes it durable and clears the due time.
+    /// the commit window; `sync` makes it durable and clears the due time.
     #[test]
     fn group_commit_writes_at_once_and_syncs_within_the_bound() {
         let dir = std::env::temp_dir().join(format!("lb-journal-group-{}", std::process::id()));
@@ -299,7 +299,7 @@ mod tests {
         j.sync_soon();
         assert_eq!(on_disk(&dir), 1, "written before the fdatasync");
         let due = j.commit_due().expect("a sync is due");
-        assert!(due > before && due <= Instant::now() + GROUP_COMMIT);
+        assert!(due > before && due <= Instant::now() + DEFAULT_COMMIT_WINDOW);
         // More records before the due time go with the same commit.
         j.record(SystemTime::now(), stop("two"));
         j.sync_soon();

@@ -79,6 +79,9 @@ pub struct Options {
     pub checkpoint_interval: Duration,
     /// The initial seal key; `None` leaves checkpoints unsealed.
     pub seal_key: Option<SealKey>,
+    /// With `FsyncPolicy::Always`, how long the daemon's journal may wait to fdatasync records
+    /// it has written (group commit; see `crate::journal`). Zero: at every wake-up.
+    pub commit_window: Duration,
 }
 
 impl Default for Options {
@@ -92,6 +95,7 @@ impl Default for Options {
             checkpoint_records: 1000,
             checkpoint_interval: Duration::from_secs(10),
             seal_key: None,
+            commit_window: crate::journal::DEFAULT_COMMIT_WINDOW,
         }
     }
 }

@@ -162,7 +162,10 @@ fn print_human(command: &Command, data: &Value) {
                     "done: configuration generation {}, Maglev generation {m}",
                     data["config_generation"]
                 ),
-                None => println!("done: configuration generation {}", data["config_generation"]),
+                None => println!(
+                    "done: configuration generation {}",
+                    data["config_generation"]
+                ),
             }
         }
     }
