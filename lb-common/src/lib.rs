@@ -445,6 +445,10 @@ pub struct Config {
     /// `config_flags` bits.
     pub flags: u32,
     pub _pad: u32,
+    /// The `STATS[RINGBUF_LOSS]` total the daemon has recorded in `loss` records, so that a
+    /// daemon adopting the data plane records only what came after (the program never reads
+    /// it).
+    pub ringbuf_loss_recorded: u64,
 }
 
 /// `Config::flags` bits.

@@ -154,10 +154,10 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
         settings.ifaces.join(", ")
     ));
 
-    // A previous daemon recorded the losses it saw and cleared the counter; what is there
-    // now happened while no daemon ran.
+    // Losses a previous daemon recorded are not recorded again; those since (while no daemon
+    // ran, or after it was killed) are.
     let mut loss_seen = KernelLoss {
-        count: 0,
+        count: dp.ringbuf_loss_recorded()?,
         since: SystemTime::now(),
     };
     let mut blocks = crate::blocks::Blocks::default();
@@ -230,7 +230,6 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
             notify::notify("STOPPING=1\nSTATUS=leaving the data plane running");
             drain(ring.get_mut(), &mut audit, &names);
             record_kernel_loss(&mut dp, &mut audit, &mut loss_seen)?;
-            dp.clear_ringbuf_loss()?;
             let open = dp
                 .flows()?
                 .iter()
@@ -509,6 +508,7 @@ fn record_kernel_loss(
             }),
         );
         seen.count = count;
+        dp.set_ringbuf_loss_recorded(count)?;
     }
     seen.since = now;
     Ok(())

@@ -297,7 +297,14 @@ impl Dataplane {
         maglev_size: u32,
         flow_id_base: u64,
     ) -> anyhow::Result<()> {
+        let adopted = self.adopted;
         let mut cfg: Array<&mut MapData, Config> = Array::try_from(self.map(maps::CONFIG)?)?;
+        // What a previous daemon recorded of the kernel's losses carries over.
+        let ringbuf_loss_recorded = if adopted {
+            cfg.get(&0, 0)?.ringbuf_loss_recorded
+        } else {
+            0
+        };
         cfg.set(
             0,
             Config {
@@ -306,6 +313,7 @@ impl Dataplane {
                 maglev_size,
                 flags: 0,
                 _pad: 0,
+                ringbuf_loss_recorded,
             },
             0,
         )?;
@@ -590,16 +598,18 @@ impl Dataplane {
             .collect()
     }
 
-    /// Sets the kernel's count of lost ring-buffer records back to zero, once those losses
-    /// are recorded: what the next daemon finds there happened while none ran.
-    pub fn clear_ringbuf_loss(&mut self) -> anyhow::Result<()> {
-        let ncpu = nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
-        let mut st: PerCpuArray<&mut MapData, u64> = PerCpuArray::try_from(self.map(maps::STATS)?)?;
-        st.set(
-            stat::RINGBUF_LOSS,
-            PerCpuValues::try_from(vec![0u64; ncpu])?,
-            0,
-        )?;
+    /// How many of the kernel's lost ring-buffer records are in `loss` records already.
+    pub fn ringbuf_loss_recorded(&mut self) -> anyhow::Result<u64> {
+        let cfg: Array<&mut MapData, Config> = Array::try_from(self.map(maps::CONFIG)?)?;
+        Ok(cfg.get(&0, 0)?.ringbuf_loss_recorded)
+    }
+
+    /// Notes, in the kernel's state, how many lost records are in `loss` records now.
+    pub fn set_ringbuf_loss_recorded(&mut self, total: u64) -> anyhow::Result<()> {
+        let mut cfg: Array<&mut MapData, Config> = Array::try_from(self.map(maps::CONFIG)?)?;
+        let mut c = cfg.get(&0, 0)?;
+        c.ringbuf_loss_recorded = total;
+        cfg.set(0, c, 0)?;
         Ok(())
     }
 
