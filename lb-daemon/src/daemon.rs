@@ -77,7 +77,6 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
     let mut services = balancer::place_after(&settings, &layout)?;
     let mut names = Names::new(&services);
     check_forwarding(&services)?;
-    let adopted = if dp.adopted() { dp.flows()?.len() } else { 0 };
 
     dp.configure(
         settings.snat_ports,
@@ -112,7 +111,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
     audit.apply(&mut dp)?;
     if dp.adopted() {
         info!(
-            flows = adopted,
+            flows = layout.flows,
             bpf_dir = %settings.bpf_dir.display(),
             "adopted the running data plane and its flows"
         );

@@ -495,7 +495,9 @@ impl Dataplane {
             let vip = socket_addr(k.addr, k.af, k.port);
             layout.services.insert((k.proto, vip), v.id);
         }
-        for p in self.flows()? {
+        let flows = self.flows()?;
+        layout.flows = flows.len();
+        for p in flows {
             let backend = socket_addr(p.fwd.nat_dst, p.key.af, p.fwd.nat_dport);
             layout
                 .backends
@@ -554,17 +556,7 @@ impl Dataplane {
                 bail!("map {} is not a hash map", maps::FLOWS);
             };
             use std::os::fd::AsFd as _;
-            match lookup_batch(data.fd().as_fd()) {
-                Ok(entries) => entries,
-                // Kernels without batch lookups: one key at a time. Entries may vanish while
-                // iterating (the program's own updates): skip those.
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    let map: HashMap<&mut MapData, FlowKey, Flow> =
-                        HashMap::try_from(self.map(maps::FLOWS)?)?;
-                    map.iter().filter_map(Result::ok).collect()
-                }
-                Err(e) => return Err(anyhow!("reading the flow table: {e}")),
-            }
+            lookup_batch(data.fd().as_fd()).map_err(|e| anyhow!("reading the flow table: {e}"))?
         };
         let replies: StdHashMap<FlowKey, Flow> = entries
             .iter()
@@ -777,6 +769,8 @@ pub struct Layout {
     pub backends: StdHashMap<(u32, SocketAddr), u32>,
     /// Service ids that live flows carry.
     pub flow_services: std::collections::HashSet<u32>,
+    /// Connections adopted.
+    pub flows: usize,
 }
 
 /// Pins of XDP links are named after their interface.

@@ -218,6 +218,8 @@ pub fn bpf_dir(ns: &str) -> Result<std::path::PathBuf> {
 }
 
 /// Removes what a daemon pinned for namespace `ns` (its program stays attached until then).
+/// The same walk as `lb_daemon::dataplane::remove_pins`, which this crate's library cannot
+/// call: xtask links it, and must build before the eBPF toolchain lb-daemon needs exists.
 pub fn remove_bpf_dir(ns: &str) {
     let dir = std::path::Path::new(BPF_ROOT).join(ns);
     let Ok(entries) = std::fs::read_dir(&dir) else {

@@ -16,7 +16,7 @@ use std::{net::SocketAddr, path::Path};
 
 use anyhow::{Context as _, Result, anyhow};
 
-use crate::{daemon::Daemon, netns::Netns};
+use crate::{daemon::Daemon, echo::EchoServer, netns::Netns};
 
 /// Names and addresses of the standard balancer layout ([`Topology::balancer`]).
 pub mod layout {
@@ -198,6 +198,15 @@ impl Topology {
             audit_dir.display().to_string(),
         ]);
         v
+    }
+
+    /// A TCP echo server on each backend of the standard layout ([`Topology::backends`]).
+    pub fn echo_backends(&self) -> Result<[EchoServer; 2]> {
+        let [a1, a2] = Topology::backends();
+        Ok([
+            EchoServer::start(self.try_ns(layout::BACKEND1)?.name(), a1)?,
+            EchoServer::start(self.try_ns(layout::BACKEND2)?.name(), a2)?,
+        ])
     }
 
     /// Starts `lb-daemon` in the `lb` namespace with `args` (not yet waited for: see

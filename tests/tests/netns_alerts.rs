@@ -4,9 +4,7 @@
 
 use std::{net::TcpStream, process::Command, time::Duration};
 
-use lb_tests::{
-    EchoServer, TempDir, Topology, audit::of_kind, echo_exchange, read_audit, require_root,
-};
+use lb_tests::{TempDir, Topology, audit::of_kind, echo_exchange, read_audit, require_root};
 
 #[test]
 fn alerts_fire_on_denials_bursts_hours_and_control() {
@@ -15,9 +13,8 @@ fn alerts_fire_on_denials_bursts_hours_and_control() {
     }
     let t = Topology::balancer("alerts").expect("topology");
     let dir = TempDir::new("alerts").unwrap();
-    let [a1, a2] = Topology::backends();
-    let _s1 = EchoServer::start(t.ns("backend1").name(), a1).unwrap();
-    let _s2 = EchoServer::start(t.ns("backend2").name(), a2).unwrap();
+    let [a1, _] = Topology::backends();
+    let _servers = t.echo_backends().unwrap();
     let exec_out = dir.path().join("alerts.jsonl");
     let socket = dir.path().join("control.sock");
     // Working hours that exclude the present moment (the daemon's time zone here is UTC).
@@ -125,9 +122,8 @@ fn an_alerting_source_is_blocked_for_a_while() {
     }
     let t = Topology::balancer("block").expect("topology");
     let dir = TempDir::new("block").unwrap();
-    let [a1, a2] = Topology::backends();
-    let _s1 = EchoServer::start(t.ns("backend1").name(), a1).unwrap();
-    let _s2 = EchoServer::start(t.ns("backend2").name(), a2).unwrap();
+    let [a1, _] = Topology::backends();
+    let _servers = t.echo_backends().unwrap();
     let mut args = Topology::daemon_args(&dir.path().join("audit"));
     args.extend([
         "--service=adm=tcp:10.0.0.100:22".into(),

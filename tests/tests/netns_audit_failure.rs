@@ -9,9 +9,7 @@ use std::{
     time::Duration,
 };
 
-use lb_tests::{
-    EchoServer, TempDir, Topology, audit::of_kind, echo_exchange, read_audit, require_root,
-};
+use lb_tests::{TempDir, Topology, audit::of_kind, echo_exchange, read_audit, require_root};
 
 /// A tmpfs mounted for the test, unmounted on drop.
 struct Tmpfs(PathBuf);
@@ -51,9 +49,7 @@ fn scenario(tag: &str, policy: &str) -> ((usize, usize, usize), Vec<serde_json::
     let t = Topology::balancer(tag).expect("topology");
     let dir = TempDir::new(tag).unwrap();
     let fs = Tmpfs::mount(&dir.path().join("audit"), "256k");
-    let [a1, a2] = Topology::backends();
-    let _s1 = EchoServer::start(t.ns("backend1").name(), a1).unwrap();
-    let _s2 = EchoServer::start(t.ns("backend2").name(), a2).unwrap();
+    let _servers = t.echo_backends().unwrap();
     let mut args = Topology::daemon_args(&fs.0);
     args.extend(["--audit-on-failure".into(), policy.into()]);
     let mut daemon = t.spawn_daemon(&args).expect("daemon");

@@ -51,9 +51,8 @@ fn roles_are_enforced_and_a_drain_is_proven() {
     let t = Topology::balancer("ctl").expect("topology");
     let dir = TempDir::new("ctl").unwrap();
     let socket = dir.path().join("control.sock");
-    let [a1, a2] = Topology::backends();
-    let _s1 = EchoServer::start(t.ns("backend1").name(), a1).unwrap();
-    let s2 = EchoServer::start(t.ns("backend2").name(), a2).unwrap();
+    let [_, a2] = Topology::backends();
+    let [_s1, s2] = t.echo_backends().unwrap();
     let audit = dir.path().join("audit");
     let mut args = Topology::daemon_args(&audit);
     args.extend([
@@ -299,8 +298,7 @@ fn run_time_changes_take_effect_and_the_log_rebuilds_them() {
     let dir = TempDir::new("chg").unwrap();
     let socket = dir.path().join("control.sock");
     let [a1, a2] = Topology::backends();
-    let s1 = EchoServer::start(t.ns("backend1").name(), a1).unwrap();
-    let s2 = EchoServer::start(t.ns("backend2").name(), a2).unwrap();
+    let [s1, s2] = t.echo_backends().unwrap();
     let other = std::net::SocketAddr::new(a1.ip(), 8081);
     let s3 = EchoServer::start(t.ns("backend1").name(), other).unwrap();
     let audit = dir.path().join("audit");

@@ -10,9 +10,7 @@ use std::{
     time::Duration,
 };
 
-use lb_tests::{
-    EchoServer, TempDir, Topology, audit::of_kind, echo_exchange, read_audit, require_root,
-};
+use lb_tests::{TempDir, Topology, audit::of_kind, echo_exchange, read_audit, require_root};
 
 #[test]
 fn kill_9_mid_traffic_leaves_a_verifiable_log_that_a_restart_continues() {
@@ -21,9 +19,7 @@ fn kill_9_mid_traffic_leaves_a_verifiable_log_that_a_restart_continues() {
     }
     let t = Topology::balancer("crash").expect("topology");
     let dir = TempDir::new("crash").unwrap();
-    let [a1, a2] = Topology::backends();
-    let _s1 = EchoServer::start(t.ns("backend1").name(), a1).unwrap();
-    let _s2 = EchoServer::start(t.ns("backend2").name(), a2).unwrap();
+    let _servers = t.echo_backends().unwrap();
     let mut args = Topology::daemon_args(dir.path());
     args.extend([
         "--audit-fsync".into(),

@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use lb_tests::{EchoServer, TempDir, Topology, echo_exchange, require_root};
+use lb_tests::{TempDir, Topology, echo_exchange, require_root};
 
 fn scrape(t: &Topology) -> String {
     t.ns("lb").enter(|| {
@@ -38,9 +38,7 @@ fn metrics_follow_traffic() {
     }
     let t = Topology::balancer("metrics").expect("topology");
     let dir = TempDir::new("metrics").unwrap();
-    let [a1, a2] = Topology::backends();
-    let _s1 = EchoServer::start(t.ns("backend1").name(), a1).unwrap();
-    let _s2 = EchoServer::start(t.ns("backend2").name(), a2).unwrap();
+    let _servers = t.echo_backends().unwrap();
     let mut args = Topology::daemon_args(dir.path());
     args.push("--metrics-addr=127.0.0.1:9650".into());
     let mut daemon = t.spawn_daemon(&args).expect("daemon");

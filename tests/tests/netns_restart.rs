@@ -13,7 +13,7 @@ use std::{
 };
 
 use lb_tests::{
-    EchoServer, TempDir, Topology, audit::of_kind, echo_exchange, read_audit, require_root,
+    TempDir, Topology, audit::of_kind, echo_exchange, read_audit, require_root,
     topology::layout::CLIENT_IP,
 };
 
@@ -32,9 +32,7 @@ fn established_flows_survive_a_daemon_restart() {
     }
     let t = Topology::balancer("restart").expect("topology");
     let dir = TempDir::new("restart").unwrap();
-    let [a1, a2] = Topology::backends();
-    let _s1 = EchoServer::start(t.ns("backend1").name(), a1).unwrap();
-    let _s2 = EchoServer::start(t.ns("backend2").name(), a2).unwrap();
+    let _servers = t.echo_backends().unwrap();
     let audit = dir.path().join("audit");
     let socket = dir.path().join("control.sock");
     let bpf = lb_tests::netns::bpf_dir(t.ns("lb").name()).unwrap();

@@ -123,6 +123,21 @@ fn fixture_sized(services: Vec<ServiceSpec>, maglev: u32) -> Fixture {
     fixture_with(settings(services, maglev))
 }
 
+/// Service `web` (10.0.0.100:80 → 10.0.2.2:8080) with the SNAT ports 50000–50003 only.
+fn web_with_four_snat_ports() -> Fixture {
+    let mut st = settings(
+        vec![service(
+            "web",
+            Proto::Tcp,
+            "10.0.0.100:80",
+            &["10.0.2.2:8080"],
+        )],
+        4093,
+    );
+    st.snat_ports = (50000, 50003);
+    fixture_with(st)
+}
+
 fn fixture_with(settings: Settings) -> Fixture {
     let maglev = settings.maglev_table_size;
     let services = balancer::place(&settings).unwrap();
@@ -1167,17 +1182,7 @@ fn snat_ports_never_collide_and_exhaustion_is_refused_with_a_record() {
     }
     let ns = setup_ns();
     ns.enter(|| {
-        let mut st = settings(
-            vec![service(
-                "web",
-                Proto::Tcp,
-                "10.0.0.100:80",
-                &["10.0.2.2:8080"],
-            )],
-            4093,
-        );
-        st.snat_ports = (50000, 50003);
-        let mut fx = fixture_with(st);
+        let mut fx = web_with_four_snat_ports();
         let v = vip("10.0.0.100", 80);
         let mut ports = Vec::new();
         for i in 0..4u16 {
@@ -1355,17 +1360,7 @@ fn held_snat_ports_are_reused_least_recently_released_first() {
     }
     let ns = setup_ns();
     ns.enter(|| {
-        let mut st = settings(
-            vec![service(
-                "web",
-                Proto::Tcp,
-                "10.0.0.100:80",
-                &["10.0.2.2:8080"],
-            )],
-            4093,
-        );
-        st.snat_ports = (50000, 50003);
-        let mut fx = fixture_with(st);
+        let mut fx = web_with_four_snat_ports();
         let v = vip("10.0.0.100", 80);
         let backend = end("10.0.2.2", 8080, fx.mac);
         // Client ports 1000-1003 fold onto 50000-50003 (1000 ≡ 50000 mod 4).
