@@ -332,7 +332,10 @@ pub struct Flow {
     pub dir: u8,
     pub _pad0: u8,
     pub _pad1: u16,
-    pub _pad2: u32,
+    /// Low 32 bits of the kernel's jiffies when `last_seen_ns` was last set: the coarse clock
+    /// only moves once a tick, so a packet in the same tick leaves both alone (and skips the
+    /// clock helper).
+    pub seen_tick: u32,
 }
 
 impl Flow {
