@@ -26,12 +26,12 @@ pub const MAGLEV_TABLE_SIZE: u32 = 65537;
 pub const MAX_ACL_RULES: u32 = 4096;
 /// Sources tracked for per-source rate limiting and deny-record suppression.
 pub const SOURCES_MAX: u32 = 65_536;
-/// Default connection-tracking capacity in connections (the `FLOWS` map holds two entries,
+/// Default connection-tracking capacity in connections (each flow map holds two entries,
 /// one per direction, for each).
 pub const CONNTRACK_MAX: u32 = 262_144;
 /// Slots of the `SNAT_HISTORY` array (a power of two): when each (backend, SNAT port) was last
 /// used by a TCP flow, so that a port is not handed to another client while the backend may
-/// hold the old connection in TIME_WAIT.
+/// hold the old connection in TIME_WAIT. Pages of 65536 slots, one per port.
 pub const SNAT_HISTORY_SLOTS: u32 = 1 << 20;
 /// Ring buffer size in bytes (power of two, multiple of the page size).
 pub const EVENTS_RING_BYTES: u32 = 1 << 24;
@@ -41,7 +41,10 @@ pub mod maps {
     pub const SERVICES: &str = "SERVICES";
     pub const BACKENDS: &str = "BACKENDS";
     pub const MAGLEV: &str = "MAGLEV";
-    pub const FLOWS: &str = "FLOWS";
+    /// IPv4 flows, keyed by `FlowKey4`.
+    pub const FLOWS4: &str = "FLOWS4";
+    /// IPv6 flows, keyed by `FlowKey`.
+    pub const FLOWS6: &str = "FLOWS6";
     pub const HOPS: &str = "HOPS";
     pub const EVENTS: &str = "EVENTS";
     pub const STATS: &str = "STATS";
@@ -266,6 +269,51 @@ pub struct FlowKey {
     pub _pad: u16,
 }
 
+/// The key of an IPv4 flow in `FLOWS4`: the kernel hashes and compares a map's whole key on
+/// every lookup, and 24 of `FlowKey`'s 40 bytes are zeros for IPv4.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey4 {
+    pub src: u32,
+    pub dst: u32,
+    /// Network byte order.
+    pub sport: u16,
+    /// Network byte order.
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad0: u8,
+    pub _pad1: u16,
+}
+
+impl FlowKey4 {
+    /// `key`'s IPv4 5-tuple.
+    #[inline(always)]
+    pub fn of(key: &FlowKey) -> Self {
+        FlowKey4 {
+            src: key.src[0],
+            dst: key.dst[0],
+            sport: key.sport,
+            dport: key.dport,
+            proto: key.proto,
+            _pad0: 0,
+            _pad1: 0,
+        }
+    }
+
+    /// The `FlowKey` this key stands for.
+    pub fn key(&self) -> FlowKey {
+        FlowKey {
+            src: [self.src, 0, 0, 0],
+            dst: [self.dst, 0, 0, 0],
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            af: AF_INET,
+            _pad: 0,
+        }
+    }
+}
+
 /// Flow state bits (`Flow::state`).
 pub mod flow_state {
     /// This entry's direction has sent a FIN.
@@ -278,7 +326,7 @@ pub mod flow_state {
 /// `Flow::seq_base` flag: the low 32 bits hold this direction's base sequence number.
 pub const SEQ_BASED: u64 = 1 << 32;
 
-/// Direction of a `FLOWS` entry (`Flow::dir`).
+/// Direction of a flow entry (`Flow::dir`).
 pub mod flow_dir {
     /// Keyed by the client's packets (client → VIP).
     pub const FORWARD: u8 = 1;
@@ -286,7 +334,7 @@ pub mod flow_dir {
     pub const REPLY: u8 = 2;
 }
 
-/// A value of the `FLOWS` map. Each connection has two entries, one per direction, so that
+/// A value of the flow maps (`FLOWS4`, `FLOWS6`). Each connection has two entries, one per direction, so that
 /// every packet, either way, costs one lookup: the forward entry is keyed by the client's
 /// 5-tuple, the reply entry by the backend's. Each holds what its direction's packets are
 /// rewritten to, where they leave, and their counters.
@@ -469,6 +517,7 @@ mod user {
     unsafe impl aya::Pod for ServiceInfo {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowKey4 {}
     unsafe impl aya::Pod for Flow {}
     unsafe impl aya::Pod for ConnEvent {}
     unsafe impl aya::Pod for Config {}
@@ -547,6 +596,7 @@ mod tests {
         assert_eq!(size_of::<SourceState>(), 32);
         assert_eq!(size_of::<Backend>(), 40);
         assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(size_of::<FlowKey4>(), 16);
         assert_eq!(size_of::<Flow>(), 7 * 8 + 32 + 4 + 12 + 16 + 8);
         assert_eq!(size_of::<NextHop>(), 16);
         assert_eq!(size_of::<ConnEvent>(), 8 + 8 + 8 + 8 + 64 + 8 + 8 + 32);

@@ -29,9 +29,9 @@ use aya::{
     util::nr_cpus,
 };
 use lb_common::{
-    AclKey, AclRule, Backend, Config, ConnEvent, Flow, FlowKey, HopCache, MAX_ACL_RULES,
-    MAX_BACKENDS, MAX_SERVICES, ServiceInfo, ServiceKey, VipKey, acl_action, addr, config_flags,
-    flow_dir, maps, service_flags, stat,
+    AF_INET, AclKey, AclRule, Backend, Config, ConnEvent, Flow, FlowKey, FlowKey4, HopCache,
+    MAX_ACL_RULES, MAX_BACKENDS, MAX_SERVICES, ServiceInfo, ServiceKey, VipKey, acl_action, addr,
+    config_flags, flow_dir, maps, service_flags, stat,
 };
 
 use crate::{
@@ -76,7 +76,7 @@ pub struct Dataplane {
 
 /// Bumped whenever the layout or meaning of a map's key or value changes, so that a daemon
 /// never adopts state written by an incompatible build.
-const STATE_LAYOUT: u32 = 2;
+const STATE_LAYOUT: u32 = 3;
 
 impl Dataplane {
     /// Loads the object and the XDP program into the kernel, without attaching it, and with
@@ -111,10 +111,11 @@ impl Dataplane {
                 );
             }
         }
-        let adopted = layout.join(maps::FLOWS).exists();
+        let adopted = layout.join(maps::FLOWS4).exists();
         if adopted {
             for (map, want) in [
-                (maps::FLOWS, 2 * conntrack_size),
+                (maps::FLOWS4, 2 * conntrack_size),
+                (maps::FLOWS6, 2 * conntrack_size),
                 (maps::MAGLEV, MAX_SERVICES * maglev_size),
             ] {
                 let have = MapInfo::from_pin(layout.join(map))
@@ -150,7 +151,8 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(maps::MAGLEV, MAX_SERVICES * maglev_size)
-            .map_max_entries(maps::FLOWS, 2 * conntrack_size);
+            .map_max_entries(maps::FLOWS4, 2 * conntrack_size)
+            .map_max_entries(maps::FLOWS6, 2 * conntrack_size);
         let names = map_names()?;
         if let Some(dir) = pins {
             for name in &names {
@@ -551,13 +553,12 @@ impl Dataplane {
 
     /// Every connection in the kernel, both directions paired.
     pub fn flows(&mut self) -> anyhow::Result<Vec<FlowPair>> {
-        let entries: Vec<(FlowKey, Flow)> = {
-            let aya::maps::Map::HashMap(data) = self.map(maps::FLOWS)? else {
-                bail!("map {} is not a hash map", maps::FLOWS);
-            };
-            use std::os::fd::AsFd as _;
-            lookup_batch(data.fd().as_fd()).map_err(|e| anyhow!("reading the flow table: {e}"))?
-        };
+        let mut entries: Vec<(FlowKey, Flow)> = self
+            .read_flow_map::<FlowKey4>(maps::FLOWS4)?
+            .into_iter()
+            .map(|(k, f)| (k.key(), f))
+            .collect();
+        entries.extend(self.read_flow_map::<FlowKey>(maps::FLOWS6)?);
         let replies: StdHashMap<FlowKey, Flow> = entries
             .iter()
             .filter(|(_, f)| f.dir == flow_dir::REPLY)
@@ -573,12 +574,32 @@ impl Dataplane {
             .collect())
     }
 
+    /// Every entry of one flow map, in batches.
+    fn read_flow_map<K: aya::Pod + Default>(
+        &mut self,
+        name: &str,
+    ) -> anyhow::Result<Vec<(K, Flow)>> {
+        let aya::maps::Map::HashMap(data) = self.map(name)? else {
+            bail!("map {name} is not a hash map");
+        };
+        use std::os::fd::AsFd as _;
+        lookup_batch(data.fd().as_fd()).map_err(|e| anyhow!("reading the flow table {name}: {e}"))
+    }
+
     /// Removes both entries of a connection.
     pub fn remove_flow(&mut self, pair: &FlowPair) -> anyhow::Result<()> {
-        let mut map: HashMap<&mut MapData, FlowKey, Flow> =
-            HashMap::try_from(self.map(maps::FLOWS)?)?;
-        let _ = map.remove(&pair.key);
-        let _ = map.remove(&pair.fwd.peer_key(pair.key.proto, pair.key.af));
+        let peer = pair.fwd.peer_key(pair.key.proto, pair.key.af);
+        if pair.key.af == AF_INET {
+            let mut map: HashMap<&mut MapData, FlowKey4, Flow> =
+                HashMap::try_from(self.map(maps::FLOWS4)?)?;
+            let _ = map.remove(&FlowKey4::of(&pair.key));
+            let _ = map.remove(&FlowKey4::of(&peer));
+        } else {
+            let mut map: HashMap<&mut MapData, FlowKey, Flow> =
+                HashMap::try_from(self.map(maps::FLOWS6)?)?;
+            let _ = map.remove(&pair.key);
+            let _ = map.remove(&peer);
+        }
         Ok(())
     }
 
@@ -781,6 +802,7 @@ fn layout_name() -> String {
     let sizes = [
         std::mem::size_of::<Flow>(),
         std::mem::size_of::<FlowKey>(),
+        std::mem::size_of::<FlowKey4>(),
         std::mem::size_of::<ServiceInfo>(),
         std::mem::size_of::<ServiceKey>(),
         std::mem::size_of::<Backend>(),
@@ -946,15 +968,14 @@ mod tests {
         let mut dp = Dataplane::load(lb_common::MAGLEV_TABLE_SIZE, 65536).unwrap();
         let mut written = Vec::new();
         {
-            let mut map: HashMap<&mut MapData, FlowKey, Flow> =
-                HashMap::try_from(dp.map(maps::FLOWS).unwrap()).unwrap();
+            let mut map: HashMap<&mut MapData, FlowKey4, Flow> =
+                HashMap::try_from(dp.map(maps::FLOWS4).unwrap()).unwrap();
             for i in 0..10_000u32 {
-                let key = FlowKey {
-                    src: [i, 0, 0, 0],
+                let key = FlowKey4 {
+                    src: i,
                     sport: (i as u16).to_be(),
                     proto: lb_common::PROTO_TCP,
-                    af: lb_common::AF_INET,
-                    ..FlowKey::default()
+                    ..FlowKey4::default()
                 };
                 let flow = Flow {
                     flow_id: i as u64,
@@ -965,16 +986,13 @@ mod tests {
                 written.push((key, flow.flow_id));
             }
         }
-        let aya::maps::Map::HashMap(data) = dp.map(maps::FLOWS).unwrap() else {
-            panic!("FLOWS is a hash map");
-        };
-        use std::os::fd::AsFd as _;
-        let mut read: Vec<(FlowKey, u64)> = lookup_batch::<FlowKey, Flow>(data.fd().as_fd())
+        let mut read: Vec<(FlowKey4, u64)> = dp
+            .read_flow_map::<FlowKey4>(maps::FLOWS4)
             .expect("batch lookups work on this kernel")
             .into_iter()
             .map(|(k, f)| (k, f.flow_id))
             .collect();
-        let order = |v: &mut Vec<(FlowKey, u64)>| v.sort_by_key(|(_, id)| *id);
+        let order = |v: &mut Vec<(FlowKey4, u64)>| v.sort_by_key(|(_, id)| *id);
         order(&mut read);
         order(&mut written);
         assert_eq!(read, written);

@@ -5,7 +5,7 @@
 //! Per packet, in order:
 //! 1. parse Ethernet / IPv4 or IPv6 / TCP or UDP (or an ICMP error); anything else, and
 //!    anything not addressed to a service, goes to the host stack untouched;
-//! 2. a 5-tuple in `FLOWS` is an established flow, one entry per direction: the forward entry
+//! 2. a 5-tuple in `FLOWS4` or `FLOWS6` is an established flow, one entry per direction: the forward entry
 //!    NATs the client's packets to the backend, the reply entry the backend's back to the client;
 //! 3. otherwise a packet that may open a flow (a TCP SYN, any UDP datagram) to a service in
 //!    `SERVICES` passes the access checks (fail-closed audit, ACL, rate limit), gets a backend
@@ -44,10 +44,13 @@ use core::ptr::{read_unaligned as rd, write_unaligned as wr};
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_ANY, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, bpf_fib_lookup, xdp_action},
+    bindings::{
+        BPF_ANY, BPF_F_NO_PREALLOC, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, bpf_fib_lookup,
+        xdp_action,
+    },
     helpers::{
-        bpf_fib_lookup as fib_lookup, bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_boot_ns,
-        bpf_ktime_get_coarse_ns, bpf_redirect,
+        bpf_fib_lookup as fib_lookup, bpf_get_smp_processor_id, bpf_jiffies64,
+        bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns, bpf_redirect,
     },
     macros::{map, xdp},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
@@ -55,10 +58,11 @@ use aya_ebpf::{
 };
 use lb_common::{
     ACL_LOOKUP_PREFIX, AF_INET, AF_INET6, AclKey, AclRule, Backend, CONNTRACK_MAX, Config,
-    ConnEvent, EVENTS_RING_BYTES, Flow, FlowKey, HopCache, MAGLEV_TABLE_SIZE, MAX_ACL_RULES,
-    MAX_BACKENDS, MAX_SERVICES, NextHop, PROTO_TCP, PROTO_UDP, SEQ_BASED, SNAT_HISTORY_SLOTS,
-    SOURCES_MAX, ServiceInfo, ServiceKey, SourceKey, SourceState, VipKey, acl_action, close_reason,
-    config_flags, deny_reason, event_kind, flow_dir, flow_state, open_reason, service_flags, stat,
+    ConnEvent, EVENTS_RING_BYTES, Flow, FlowKey, FlowKey4, HopCache, MAGLEV_TABLE_SIZE,
+    MAX_ACL_RULES, MAX_BACKENDS, MAX_SERVICES, NextHop, PROTO_TCP, PROTO_UDP, SEQ_BASED,
+    SNAT_HISTORY_SLOTS, SOURCES_MAX, ServiceInfo, ServiceKey, SourceKey, SourceState, VipKey,
+    acl_action, close_reason, config_flags, deny_reason, event_kind, flow_dir, flow_state,
+    open_reason, service_flags, stat,
 };
 
 use headers::*;
@@ -72,12 +76,18 @@ static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 /// Sized by the daemon at load time: `MAX_SERVICES * Config::maglev_size`.
 #[map]
 static MAGLEV: Array<u32> = Array::with_max_entries(MAX_SERVICES * MAGLEV_TABLE_SIZE, 0);
-/// Both directions of every connection (see `Flow`); sized by the daemon at load time to
-/// twice `--conntrack-size`. Not LRU: the kernel never drops a flow silently. The daemon evicts
+/// Both directions of every IPv4 connection (see `Flow`), by a 16-byte key: the kernel hashes
+/// and compares the whole key on every lookup. Sized by the daemon at load time to twice
+/// `--conntrack-size`. Not LRU: the kernel never drops a flow silently. The daemon evicts
 /// (with a record) before the table fills; a flow that still finds it full is refused with a
-/// record.
+/// record. Go through `flow_get`, `flow_insert` and `flow_remove`.
 #[map]
-static FLOWS: HashMap<FlowKey, Flow> = HashMap::with_max_entries(2 * CONNTRACK_MAX, 0);
+static FLOWS4: HashMap<FlowKey4, Flow> = HashMap::with_max_entries(2 * CONNTRACK_MAX, 0);
+/// The same for IPv6 connections, by the whole `FlowKey`; entries are allocated as flows come,
+/// so a table that IPv6 never fills costs no memory.
+#[map]
+static FLOWS6: HashMap<FlowKey, Flow> =
+    HashMap::with_max_entries(2 * CONNTRACK_MAX, BPF_F_NO_PREALLOC);
 /// Next hop per backend, resolved by the FIB at most once a second per CPU.
 #[map]
 static HOPS: PerCpuArray<HopCache> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
@@ -125,12 +135,10 @@ const E2BIG: i64 = 7;
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    if let Some(action) = established(&ctx) {
-        return action;
-    }
-    match try_lb(&ctx) {
-        Ok(action) => action,
-        Err(()) => xdp_action::XDP_PASS,
+    match established(&ctx) {
+        PARSED => steer_and_admit(&ctx),
+        NOT_ESTABLISHED => try_lb(&ctx).unwrap_or(xdp_action::XDP_PASS),
+        action => action,
     }
 }
 
@@ -217,6 +225,51 @@ fn keys() -> Result<*mut Keys, ()> {
     SCRATCH_KEYS.get_ptr_mut(0).ok_or(())
 }
 
+/// `key`'s IPv4 key, built in this CPU's scratch (the map helpers copy it).
+#[inline(always)]
+fn key4(key: &FlowKey) -> Option<&'static FlowKey4> {
+    let k = SCRATCH_KEY4.get_ptr_mut(0)?;
+    // SAFETY: per-CPU scratch; each use is over before the next one starts.
+    unsafe {
+        *k = FlowKey4::of(key);
+        Some(&*k)
+    }
+}
+
+#[map]
+static SCRATCH_KEY4: PerCpuArray<FlowKey4> = PerCpuArray::with_max_entries(1, 0);
+
+/// The entry of `key` in its family's flow map.
+#[inline(always)]
+fn flow_get(key: &FlowKey) -> Option<*mut Flow> {
+    if key.af == AF_INET {
+        FLOWS4.get_ptr_mut(key4(key)?)
+    } else {
+        FLOWS6.get_ptr_mut(key)
+    }
+}
+
+/// Inserts `value` under `key` in its family's flow map (`BPF_ANY` or `BPF_NOEXIST`).
+#[inline(always)]
+fn flow_insert(key: &FlowKey, value: &Flow, flags: u32) -> Result<(), i32> {
+    if key.af == AF_INET {
+        FLOWS4.insert(key4(key).ok_or(0)?, value, flags as u64)
+    } else {
+        FLOWS6.insert(key, value, flags as u64)
+    }
+}
+
+#[inline(always)]
+fn flow_remove(key: &FlowKey) {
+    if key.af == AF_INET {
+        if let Some(k) = key4(key) {
+            let _ = FLOWS4.remove(k);
+        }
+    } else {
+        let _ = FLOWS6.remove(key);
+    }
+}
+
 /// Pointer to a `T` at `offset` in the packet, if the whole `T` is inside it.
 ///
 /// The context fields are read with volatile loads so LLVM cannot hoist them into a caller
@@ -265,10 +318,19 @@ static SCRATCH_PACKET: PerCpuArray<Packet> = PerCpuArray::with_max_entries(1, 0)
 /// call: with return-stack mitigations (retpolines, SRSO safe-RET) every call and return costs
 /// a mispredicted return, several times this whole path's own work. IPv4 without options or
 /// IPv6 without extension headers, TCP without SYN and with sane flags, or UDP, whose 5-tuple
-/// is in `FLOWS`. `None` hands the packet to the general path (`try_lb`), which handles every
-/// packet, these included.
+/// is in its flow map. Returns the XDP action; `PARSED` for any other TCP or UDP packet of that
+/// shape, now in `SCRATCH_PACKET` (a packet that may open a flow, typically); `NOT_ESTABLISHED`
+/// for the general path (`try_lb`), which handles every packet, these included.
 #[inline(always)]
-fn established(ctx: &XdpContext) -> Option<u32> {
+fn established(ctx: &XdpContext) -> u32 {
+    established_or_parsed(ctx).unwrap_or(NOT_ESTABLISHED)
+}
+
+/// `established`'s answer for a packet it leaves to the general path.
+const NOT_ESTABLISHED: u32 = 0xffff_0002;
+
+#[inline(always)]
+fn established_or_parsed(ctx: &XdpContext) -> Option<u32> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok()?;
     let pkt = SCRATCH_PACKET.get_ptr_mut(0)?;
     // SAFETY: per-CPU scratch, exclusively ours during this run; `eth` is bounds-checked.
@@ -295,7 +357,16 @@ fn established(ctx: &XdpContext) -> Option<u32> {
             return None;
         }
         let (src, dst) = ([src, 0, 0, 0], [dst, 0, 0, 0]);
-        transport(ctx, pkt, ETH_HLEN + 20, tot_len - 20, proto, src, dst, AF_INET)
+        transport(
+            ctx,
+            pkt,
+            ETH_HLEN + 20,
+            tot_len - 20,
+            proto,
+            src,
+            dst,
+            AF_INET,
+        )
     } else if ether_type == ETH_P_IPV6.to_be() {
         let ip: *mut Ipv6Hdr = ptr_at(ctx, ETH_HLEN).ok()?;
         // SAFETY: bounds-checked by `ptr_at`.
@@ -319,15 +390,29 @@ fn established(ctx: &XdpContext) -> Option<u32> {
                 copy::read_addr(&raw const (*ip).daddr),
             )
         };
-        transport(ctx, pkt, ETH_HLEN + IPV6_HLEN, plen, next, src, dst, AF_INET6)
+        transport(
+            ctx,
+            pkt,
+            ETH_HLEN + IPV6_HLEN,
+            plen,
+            next,
+            src,
+            dst,
+            AF_INET6,
+        )
     } else {
         return None;
     };
-    // A SYN may reopen a closed flow's 5-tuple: the general path decides.
-    if parsed != Ok(true) || pkt.flags & TCP_SYN != 0 || bad_flags(pkt) {
+    if parsed != Ok(true) {
         return None;
     }
-    let e = FLOWS.get_ptr_mut(&pkt.key)?;
+    // A SYN may reopen a closed flow's 5-tuple: `steer` decides.
+    if pkt.flags & TCP_SYN != 0 || bad_flags(pkt) {
+        return Some(PARSED);
+    }
+    let Some(e) = flow_get(&pkt.key) else {
+        return Some(PARSED);
+    };
     Some(try_follow(ctx, pkt, e).unwrap_or(xdp_action::XDP_DROP))
 }
 
@@ -558,17 +643,24 @@ fn steer(ctx: &XdpContext) -> u32 {
 #[inline(always)]
 fn handle(ctx: &XdpContext, l4: usize, l4_len: usize, af: u8) -> u32 {
     match parse(ctx, l4, l4_len, af) {
-        PARSED => match steer(ctx) {
-            NEW_FLOW => new_flow(ctx),
-            action => action,
-        },
+        PARSED => steer_and_admit(ctx),
+        action => action,
+    }
+}
+
+/// Steers the packet `parse` (or `established`) left in `SCRATCH_PACKET`, admitting the flow
+/// it opens, if any.
+#[inline(always)]
+fn steer_and_admit(ctx: &XdpContext) -> u32 {
+    match steer(ctx) {
+        NEW_FLOW => new_flow(ctx),
         action => action,
     }
 }
 
 #[inline(always)]
 fn try_steer(ctx: &XdpContext, pkt: &mut Packet) -> Result<u32, ()> {
-    let existing = FLOWS.get_ptr_mut(&pkt.key);
+    let existing = flow_get(&pkt.key);
     if let Some(e) = existing {
         // SAFETY: map value pointer, valid for the duration of this run.
         let (dir, state) = unsafe { ((*e).dir, (*e).state) };
@@ -606,13 +698,11 @@ fn try_steer(ctx: &XdpContext, pkt: &mut Packet) -> Result<u32, ()> {
     }
     if let Some(old) = existing {
         // A closed flow's 5-tuple is being reused: release its reply entry (and SNAT port).
-        // SAFETY: map value pointer, read in place.
         // SAFETY: map value pointer, read in place; per-CPU scratch field used only here.
         unsafe {
             let key = &raw mut (*k).old_peer;
             *key = (*old).peer_key(pkt.key.proto, pkt.key.af);
-            let key: &FlowKey = &*key;
-            let _ = FLOWS.remove(key);
+            flow_remove(&*key);
         }
     }
     // Field by field, word-sized: a struct copy could become a byte loop.
@@ -686,7 +776,7 @@ fn follow(ctx: &XdpContext, pkt: &Packet, e: *mut Flow) -> u32 {
 
 #[inline(always)]
 fn try_follow(ctx: &XdpContext, pkt: &Packet, e: *mut Flow) -> Result<u32, ()> {
-    // SAFETY: `e` points into FLOWS for the duration of this run; fields that other CPUs
+    // SAFETY: `e` points into a flow map for the duration of this run; fields that other CPUs
     // update are only touched through `atomic`.
     let f = unsafe { &*e };
     rewrite(
@@ -748,7 +838,7 @@ const COUNT_TRIES: u32 = 4;
 #[inline(always)]
 fn count_tcp_bytes(pkt: &Packet, e: *mut Flow) {
     let start = pkt.seq.wrapping_add((pkt.flags & TCP_SYN != 0) as u32);
-    // SAFETY: `e` points into FLOWS for the duration of this run; both fields are aligned u64s
+    // SAFETY: `e` points into a flow map for the duration of this run; both fields are aligned u64s
     // that other CPUs only change atomically.
     unsafe {
         let mut base = atomic::load(&raw const (*e).seq_base);
@@ -794,7 +884,7 @@ fn transmit(ctx: &XdpContext, ifindex: u32) -> u32 {
 /// sent one too. Exactly one CPU wins the forward entry's CLOSED bit and emits the record.
 #[inline(never)]
 fn track_close(pkt: &Packet, e: *mut Flow) {
-    // SAFETY: `e` points into FLOWS for the duration of this run.
+    // SAFETY: `e` points into a flow map for the duration of this run.
     let f = unsafe { &*e };
     let Ok(k) = keys() else {
         return;
@@ -805,7 +895,7 @@ fn track_close(pkt: &Packet, e: *mut Flow) {
         *key = f.peer_key(pkt.key.proto, pkt.key.af);
         &*key
     };
-    let Some(peer) = FLOWS.get_ptr_mut(peer_key) else {
+    let Some(peer) = flow_get(peer_key) else {
         return;
     };
     let reason = if pkt.flags & TCP_RST != 0 {
@@ -971,14 +1061,13 @@ fn try_open_flow(ctx: &XdpContext, pkt: &Packet, svc: &ServiceInfo) -> Result<()
         return Err(port);
     }
     fwd.nat_sport = port as u16;
-    if FLOWS.insert(key, &*fwd, BPF_ANY as u64).is_err() {
+    if flow_insert(key, &*fwd, BPF_ANY).is_err() {
         let k = keys().map_err(|()| deny_code(deny_reason::CONNTRACK_FULL, NO_RULE))?;
         // SAFETY: per-CPU scratch, this field used only here.
         unsafe {
             let peer = &raw mut (*k).failed_peer;
             *peer = fwd.peer_key(key.proto, key.af);
-            let peer: &FlowKey = &*peer;
-            let _ = FLOWS.remove(peer);
+            flow_remove(&*peer);
         }
         return Err(deny_code(deny_reason::CONNTRACK_FULL, NO_RULE));
     }
@@ -1180,10 +1269,15 @@ fn div(a: u32, b: u32) -> u32 {
     if b == 0 { 0 } else { a / b }
 }
 
-/// The `SNAT_HISTORY` slot of (backend, SNAT port), host byte order port.
+/// The `SNAT_HISTORY` slot of (backend, SNAT port), host byte order port. The array is pages of
+/// one slot per port, a backend's page chosen by its slot number (backends of one pool have
+/// neighbouring numbers, so up to 16 of them never share a page), so that a busy client's
+/// consecutive ports (and thus SNAT ports) use neighbouring slots: few cache lines and TLB
+/// entries, where a hashed slot was a new flow's costliest memory miss. Backends that share a
+/// page share slots, which can only keep a port out of use longer.
 #[inline(always)]
 fn snat_slot(backend_idx: u32, port: u32) -> u32 {
-    mix(backend_idx << 16 ^ port) & (SNAT_HISTORY_SLOTS - 1)
+    (backend_idx << 16 | port) & (SNAT_HISTORY_SLOTS - 1)
 }
 
 /// Identity of (client 5-tuple, backend, SNAT port) as stored in `SNAT_HISTORY`: `tuple` is
@@ -1295,12 +1389,12 @@ fn reserve_snat_port(key: &FlowKey, be: &Backend, cfg: &Config, rev: &Flow, hash
         rkey.dport = (port as u16).to_be();
         if left != 0 {
             // SAFETY: map lookup; the value is not used.
-            if left < oldest_left && unsafe { FLOWS.get(&*rkey) }.is_none() {
+            if left < oldest_left && flow_get(&*rkey).is_none() {
                 (oldest, oldest_left) = (port + 1, left);
             }
             continue;
         }
-        match FLOWS.insert(&*rkey, rev, BPF_NOEXIST as u64) {
+        match flow_insert(&*rkey, rev, BPF_NOEXIST) {
             Ok(()) => {
                 if tcp {
                     snat_mark(slot, owner, now);
@@ -1314,7 +1408,7 @@ fn reserve_snat_port(key: &FlowKey, be: &Backend, cfg: &Config, rev: &Flow, hash
     if oldest != 0 {
         let port = oldest - 1;
         rkey.dport = (port as u16).to_be();
-        if FLOWS.insert(&*rkey, rev, BPF_NOEXIST as u64).is_ok() {
+        if flow_insert(&*rkey, rev, BPF_NOEXIST).is_ok() {
             snat_mark(
                 snat_slot(rev.backend_idx, port),
                 snat_owner(tuple, port),
@@ -1565,7 +1659,7 @@ fn try_icmp_error(ctx: &XdpContext, l4: usize, af: u8) -> Result<u32, ()> {
         key.dport = rd(&raw const (*ports).source);
     }
     // The reply entry of the flow says where the client is, and how to reach it.
-    let Some(rev) = FLOWS.get_ptr(&*key) else {
+    let Some(rev) = flow_get(&*key) else {
         return pass();
     };
     // SAFETY: map value, valid for the duration of this run.
