@@ -640,8 +640,9 @@ fn steer(ctx: &XdpContext) -> u32 {
 
 /// Parses, steers and, for a new flow, admits a TCP or UDP packet. Parsing, steering and the
 /// admission proper (`open_flow`) are BPF functions of their own so that their stack frames do
-/// not add up (the BPF stack is 512 bytes in all, and the deepest chain, entry → `open_flow` →
-/// `reserve_snat_port`, is near it); what is inlined saves a call and a return each.
+/// not add up (the BPF stack is 512 bytes in all, and the deepest chain, entry → `open_flow`
+/// with the SNAT reservation, next hop and record inlined, is near it); what is inlined saves
+/// a call and a return each.
 #[inline(always)]
 fn handle(ctx: &XdpContext, l4: usize, l4_len: usize, af: u8) -> u32 {
     match parse(ctx, l4, l4_len, af) {
@@ -1347,7 +1348,7 @@ fn snat_held(slot: u32, owner: u32, now: u32) -> u32 {
 /// order), or a refusal (greater than any port).
 // `&*rkey`, not `*rkey`: a key passed by value would be copied onto the stack.
 #[allow(clippy::needless_borrows_for_generic_args)]
-#[inline(never)]
+#[inline(always)]
 fn reserve_snat_port(key: &FlowKey, be: &Backend, cfg: &Config, rev: &Flow, hash: u32) -> u64 {
     let (min, max) = (cfg.snat_port_min as u32, cfg.snat_port_max as u32);
     let range = max.wrapping_sub(min).wrapping_add(1);
@@ -1425,7 +1426,7 @@ fn reserve_snat_port(key: &FlowKey, be: &Backend, cfg: &Config, rev: &Flow, hash
 /// The next hop towards backend `idx` from this CPU's cache, refreshed from the kernel's FIB
 /// when older than `HOP_TTL_NS`. Returns the egress ifindex, 0 when there is no route or no
 /// resolved neighbour.
-#[inline(never)]
+#[inline(always)]
 fn next_hop(ctx: &XdpContext, be: &Backend, idx: u32, now: u64) -> u32 {
     let Some(cache) = HOPS.get_ptr_mut(idx) else {
         return 0;
@@ -1879,7 +1880,7 @@ fn try_icmp_translate6(ctx: &XdpContext, l4: usize, ck: &FlowKey) -> Result<(), 
 
 /// Pushes a flow's open or close record, from its forward entry `f` (keyed by `client_key`)
 /// and its reply entry `r`; a failed reservation is counted, never silent.
-#[inline(never)]
+#[inline(always)]
 fn emit_flow(kind: u8, reason: u8, client_key: &FlowKey, f: &Flow, r: &Flow) {
     let Some(mut entry) = EVENTS.reserve::<ConnEvent>(0) else {
         count(stat::RINGBUF_LOSS);
