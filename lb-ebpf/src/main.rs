@@ -308,6 +308,8 @@ pub struct Packet {
     /// For a packet that opens a flow: its service, as `steer` found it (the admission step
     /// reads it from here rather than looking it up again).
     svc: ServiceInfo,
+    /// `key` as `FLOWS4` keys it (IPv4 only), for the established path's lookup.
+    key4: FlowKey4,
 }
 
 /// Scratch space for the packet being handled (one per CPU; XDP runs to completion).
@@ -410,7 +412,12 @@ fn established_or_parsed(ctx: &XdpContext) -> Option<u32> {
     if pkt.flags & TCP_SYN != 0 || bad_flags(pkt) {
         return Some(PARSED);
     }
-    let Some(e) = flow_get(&pkt.key) else {
+    let found = if pkt.key.af == AF_INET {
+        FLOWS4.get_ptr_mut(&pkt.key4)
+    } else {
+        FLOWS6.get_ptr_mut(&pkt.key)
+    };
+    let Some(e) = found else {
         return Some(PARSED);
     };
     Some(try_follow(ctx, pkt, e).unwrap_or(xdp_action::XDP_DROP))
@@ -544,6 +551,9 @@ fn transport(
     out.key.proto = proto;
     out.key.af = af;
     out.key._pad = 0;
+    if af == AF_INET {
+        out.key4 = FlowKey4::of(&out.key);
+    }
     out.l4 = l4 as u64;
     out.payload = payload as u64;
     out.flags = flags;
