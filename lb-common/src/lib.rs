@@ -334,9 +334,9 @@ pub mod flow_dir {
     pub const REPLY: u8 = 2;
 }
 
-/// A value of the flow maps (`FLOWS4`, `FLOWS6`). Each connection has two entries, one per direction, so that
-/// every packet, either way, costs one lookup: the forward entry is keyed by the client's
-/// 5-tuple, the reply entry by the backend's. Each holds what its direction's packets are
+/// A value of the flow maps (`FLOWS4`, `FLOWS6`). Each connection has two entries, one per
+/// direction, so that every packet, either way, costs one lookup: the forward entry is keyed by
+/// the client's 5-tuple, the reply entry by the backend's. Each holds what its direction's packets are
 /// rewritten to, where they leave, and their counters.
 ///
 /// The entries find each other: the peer's key is this entry's rewrite target reversed

@@ -5,8 +5,9 @@
 //! Per packet, in order:
 //! 1. parse Ethernet / IPv4 or IPv6 / TCP or UDP (or an ICMP error); anything else, and
 //!    anything not addressed to a service, goes to the host stack untouched;
-//! 2. a 5-tuple in `FLOWS4` or `FLOWS6` is an established flow, one entry per direction: the forward entry
-//!    NATs the client's packets to the backend, the reply entry the backend's back to the client;
+//! 2. a 5-tuple in `FLOWS4` or `FLOWS6` is an established flow, one entry per direction: the
+//!    forward entry NATs the client's packets to the backend, the reply entry the backend's back
+//!    to the client (`established`: this path makes no BPF-to-BPF call);
 //! 3. otherwise a packet that may open a flow (a TCP SYN, any UDP datagram) to a service in
 //!    `SERVICES` passes the access checks (fail-closed audit, ACL, rate limit), gets a backend
 //!    from the Maglev table, a next hop from the FIB and a SNAT port, and opens a flow.
@@ -249,6 +250,16 @@ fn flow_get(key: &FlowKey) -> Option<*mut Flow> {
     }
 }
 
+/// The entry of the parsed packet's 5-tuple (whose IPv4 key the parse built).
+#[inline(always)]
+fn packet_flow(pkt: &Packet) -> Option<*mut Flow> {
+    if pkt.key.af == AF_INET {
+        FLOWS4.get_ptr_mut(&pkt.key4)
+    } else {
+        FLOWS6.get_ptr_mut(&pkt.key)
+    }
+}
+
 /// Inserts `value` under `key` in its family's flow map (`BPF_ANY` or `BPF_NOEXIST`).
 #[inline(always)]
 fn flow_insert(key: &FlowKey, value: &Flow, flags: u32) -> Result<(), i32> {
@@ -325,14 +336,14 @@ static SCRATCH_PACKET: PerCpuArray<Packet> = PerCpuArray::with_max_entries(1, 0)
 /// for the general path (`try_lb`), which handles every packet, these included.
 #[inline(always)]
 fn established(ctx: &XdpContext) -> u32 {
-    established_or_parsed(ctx).unwrap_or(NOT_ESTABLISHED)
+    try_established(ctx).unwrap_or(NOT_ESTABLISHED)
 }
 
 /// `established`'s answer for a packet it leaves to the general path.
 const NOT_ESTABLISHED: u32 = 0xffff_0002;
 
 #[inline(always)]
-fn established_or_parsed(ctx: &XdpContext) -> Option<u32> {
+fn try_established(ctx: &XdpContext) -> Option<u32> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok()?;
     let pkt = SCRATCH_PACKET.get_ptr_mut(0)?;
     // SAFETY: per-CPU scratch, exclusively ours during this run; `eth` is bounds-checked.
@@ -412,12 +423,7 @@ fn established_or_parsed(ctx: &XdpContext) -> Option<u32> {
     if pkt.flags & TCP_SYN != 0 || bad_flags(pkt) {
         return Some(PARSED);
     }
-    let found = if pkt.key.af == AF_INET {
-        FLOWS4.get_ptr_mut(&pkt.key4)
-    } else {
-        FLOWS6.get_ptr_mut(&pkt.key)
-    };
-    let Some(e) = found else {
+    let Some(e) = packet_flow(pkt) else {
         return Some(PARSED);
     };
     Some(try_follow(ctx, pkt, e).unwrap_or(xdp_action::XDP_DROP))
@@ -673,7 +679,7 @@ fn steer_and_admit(ctx: &XdpContext) -> u32 {
 
 #[inline(always)]
 fn try_steer(ctx: &XdpContext, pkt: &mut Packet) -> Result<u32, ()> {
-    let existing = flow_get(&pkt.key);
+    let existing = packet_flow(pkt);
     if let Some(e) = existing {
         // SAFETY: map value pointer, valid for the duration of this run.
         let (dir, state) = unsafe { ((*e).dir, (*e).state) };
@@ -789,8 +795,8 @@ fn follow(ctx: &XdpContext, pkt: &Packet, e: *mut Flow) -> u32 {
 
 #[inline(always)]
 fn try_follow(ctx: &XdpContext, pkt: &Packet, e: *mut Flow) -> Result<u32, ()> {
-    // SAFETY: `e` points into a flow map for the duration of this run; fields that other CPUs
-    // update are only touched through `atomic`.
+    // SAFETY: `e` points into a flow map for the duration of this run; fields that other
+    // CPUs update are only touched through `atomic`.
     let f = unsafe { &*e };
     rewrite(
         ctx,
@@ -851,8 +857,8 @@ const COUNT_TRIES: u32 = 4;
 #[inline(always)]
 fn count_tcp_bytes(pkt: &Packet, e: *mut Flow) {
     let start = pkt.seq.wrapping_add((pkt.flags & TCP_SYN != 0) as u32);
-    // SAFETY: `e` points into a flow map for the duration of this run; both fields are aligned u64s
-    // that other CPUs only change atomically.
+    // SAFETY: `e` points into a flow map for the duration of this run; both fields are aligned
+    // u64s that other CPUs only change atomically.
     unsafe {
         let mut base = atomic::load(&raw const (*e).seq_base);
         if base == 0 {
