@@ -801,8 +801,11 @@ pub struct Layout {
     pub flows: usize,
 }
 
-/// A multiply-rotate hash (FxHash's) for flow keys: kernel data the daemon reads itself, where
-/// SipHash's resistance to chosen keys buys nothing the table's own hash does not.
+/// A multiply-rotate hash (FxHash's) for the reply entries' keys the sweeps pair by. Of such a
+/// key (backend address and port towards a SNAT address and port) a client chooses only the
+/// SNAT port, 16 low bits of the last word, which distinct values keep distinct through the
+/// multiply: there is no set of colliding keys to build, and SipHash would cost more than
+/// the rest of the pairing.
 #[derive(Default)]
 struct KeyHasher(u64);
 
