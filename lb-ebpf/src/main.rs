@@ -133,6 +133,8 @@ const MAX_L4_OFFSET: usize = ETH_HLEN + 60;
 /// `rule` of a deny record that no ACL rule caused.
 const NO_RULE: u32 = u32::MAX;
 const E2BIG: i64 = 7;
+/// An insert into a table allocated on demand (`FLOWS6`) that found no memory.
+const ENOMEM: i64 = 12;
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
@@ -1420,7 +1422,9 @@ fn reserve_snat_port(key: &FlowKey, be: &Backend, cfg: &Config, rev: &Flow, hash
                 }
                 return rkey.dport as u64;
             }
-            Err(e) if e as i64 == -E2BIG => return deny_code(deny_reason::CONNTRACK_FULL, NO_RULE),
+            Err(e) if e as i64 == -E2BIG || e as i64 == -ENOMEM => {
+                return deny_code(deny_reason::CONNTRACK_FULL, NO_RULE);
+            }
             Err(_) => {}
         }
     }
