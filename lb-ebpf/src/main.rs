@@ -11,6 +11,7 @@
 //! 3. otherwise a packet that may open a flow (a TCP SYN, any UDP datagram) to a service in
 //!    `SERVICES` passes the access checks (fail-closed audit, ACL, rate limit), gets a backend
 //!    from the Maglev table, a next hop from the FIB and a SNAT port, and opens a flow.
+//!
 //! Every check happens before the first byte is rewritten: a packet is forwarded whole or not
 //! at all.
 //!
@@ -253,6 +254,8 @@ fn flow_get(key: &FlowKey) -> Option<*mut Flow> {
 }
 
 /// The entry of the parsed packet's 5-tuple (whose IPv4 key the parse built).
+// `&pkt.key4`, not `pkt.key4`: a key passed by value would be copied onto the stack.
+#[allow(clippy::needless_borrows_for_generic_args)]
 #[inline(always)]
 fn packet_flow(pkt: &Packet) -> Option<*mut Flow> {
     if pkt.key.af == AF_INET {
