@@ -218,6 +218,9 @@ pub struct Keys {
     src: SourceKey,
     fib: bpf_fib_lookup,
     icmp: FlowKey,
+    /// `FLOWS4`'s key of a `FlowKey`, for `flow_get`, `flow_insert` and `flow_remove`: each use
+    /// is over before the next one starts.
+    flow4: FlowKey4,
 }
 
 #[map]
@@ -232,16 +235,14 @@ fn keys() -> Result<*mut Keys, ()> {
 /// `key`'s IPv4 key, built in this CPU's scratch (the map helpers copy it).
 #[inline(always)]
 fn key4(key: &FlowKey) -> Option<&'static FlowKey4> {
-    let k = SCRATCH_KEY4.get_ptr_mut(0)?;
-    // SAFETY: per-CPU scratch; each use is over before the next one starts.
+    let k = keys().ok()?;
+    // SAFETY: per-CPU scratch, this field used only by the flow-map helpers, one at a time.
     unsafe {
-        *k = FlowKey4::of(key);
-        Some(&*k)
+        let k4 = &raw mut (*k).flow4;
+        *k4 = FlowKey4::of(key);
+        Some(&*k4)
     }
 }
-
-#[map]
-static SCRATCH_KEY4: PerCpuArray<FlowKey4> = PerCpuArray::with_max_entries(1, 0);
 
 /// The entry of `key` in its family's flow map.
 #[inline(always)]
@@ -356,14 +357,12 @@ fn try_established(ctx: &XdpContext) -> Option<u32> {
     let parsed = if ether_type == ETH_P_IP.to_be() {
         let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok()?;
         // SAFETY: bounds-checked by `ptr_at`.
-        let (vhl, frag, proto, tot_len, src, dst) = unsafe {
+        let (vhl, frag, proto, tot_len) = unsafe {
             (
                 (*ip).vhl,
                 rd(&raw const (*ip).frag_off),
                 (*ip).protocol,
                 u16::from_be(rd(&raw const (*ip).tot_len)) as usize,
-                rd(&raw const (*ip).saddr),
-                rd(&raw const (*ip).daddr),
             )
         };
         if vhl != 0x45
@@ -374,17 +373,7 @@ fn try_established(ctx: &XdpContext) -> Option<u32> {
         {
             return None;
         }
-        let (src, dst) = ([src, 0, 0, 0], [dst, 0, 0, 0]);
-        transport(
-            ctx,
-            pkt,
-            ETH_HLEN + 20,
-            tot_len - 20,
-            proto,
-            src,
-            dst,
-            AF_INET,
-        )
+        parse_into(ctx, pkt, ETH_HLEN + 20, tot_len - 20, AF_INET)
     } else if ether_type == ETH_P_IPV6.to_be() {
         let ip: *mut Ipv6Hdr = ptr_at(ctx, ETH_HLEN).ok()?;
         // SAFETY: bounds-checked by `ptr_at`.
@@ -401,23 +390,7 @@ fn try_established(ctx: &XdpContext) -> Option<u32> {
         {
             return None;
         }
-        // SAFETY: bounds-checked by `ptr_at`.
-        let (src, dst) = unsafe {
-            (
-                copy::read_addr(&raw const (*ip).saddr),
-                copy::read_addr(&raw const (*ip).daddr),
-            )
-        };
-        transport(
-            ctx,
-            pkt,
-            ETH_HLEN + IPV6_HLEN,
-            plen,
-            next,
-            src,
-            dst,
-            AF_INET6,
-        )
+        parse_into(ctx, pkt, ETH_HLEN + IPV6_HLEN, plen, AF_INET6)
     } else {
         return None;
     };
@@ -599,38 +572,7 @@ fn parse(ctx: &XdpContext, l4: usize, l4_len: usize, af: u8) -> u32 {
     };
     // SAFETY: per-CPU scratch, exclusively ours during this run.
     let pkt = unsafe { &mut *pkt };
-    let parsed = if af == AF_INET {
-        match ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN) {
-            // SAFETY: bounds-checked by `ptr_at`.
-            Ok(ip) => unsafe {
-                let (s, d) = (rd(&raw const (*ip).saddr), rd(&raw const (*ip).daddr));
-                transport(
-                    ctx,
-                    pkt,
-                    l4,
-                    l4_len,
-                    (*ip).protocol,
-                    [s, 0, 0, 0],
-                    [d, 0, 0, 0],
-                    af,
-                )
-            },
-            Err(()) => return xdp_action::XDP_PASS,
-        }
-    } else {
-        match ptr_at::<Ipv6Hdr>(ctx, ETH_HLEN) {
-            // SAFETY: bounds-checked by `ptr_at`.
-            Ok(ip) => unsafe {
-                let (s, d) = (
-                    copy::read_addr(&raw const (*ip).saddr),
-                    copy::read_addr(&raw const (*ip).daddr),
-                );
-                transport(ctx, pkt, l4, l4_len, (*ip).nexthdr, s, d, af)
-            },
-            Err(()) => return xdp_action::XDP_PASS,
-        }
-    };
-    match parsed {
+    match parse_into(ctx, pkt, l4, l4_len, af) {
         Ok(true) => {}
         Ok(false) => {
             let Ok(dst) = outer_dst(ctx, af) else {
@@ -641,6 +583,45 @@ fn parse(ctx: &XdpContext, l4: usize, l4_len: usize, af: u8) -> u32 {
         Err(()) => return xdp_action::XDP_PASS,
     }
     PARSED
+}
+
+/// Parses the TCP or UDP header at `l4` (the IP payload is `l4_len` bytes) into `pkt`, with
+/// the addresses of the IP header of family `af`: `transport`'s answer.
+#[inline(always)]
+fn parse_into(
+    ctx: &XdpContext,
+    pkt: &mut Packet,
+    l4: usize,
+    l4_len: usize,
+    af: u8,
+) -> Result<bool, ()> {
+    if af == AF_INET {
+        let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_HLEN)?;
+        // SAFETY: bounds-checked by `ptr_at`.
+        unsafe {
+            let (s, d) = (rd(&raw const (*ip).saddr), rd(&raw const (*ip).daddr));
+            transport(
+                ctx,
+                pkt,
+                l4,
+                l4_len,
+                (*ip).protocol,
+                [s, 0, 0, 0],
+                [d, 0, 0, 0],
+                af,
+            )
+        }
+    } else {
+        let ip: *mut Ipv6Hdr = ptr_at(ctx, ETH_HLEN)?;
+        // SAFETY: bounds-checked by `ptr_at`.
+        unsafe {
+            let (s, d) = (
+                copy::read_addr(&raw const (*ip).saddr),
+                copy::read_addr(&raw const (*ip).daddr),
+            );
+            transport(ctx, pkt, l4, l4_len, (*ip).nexthdr, s, d, af)
+        }
+    }
 }
 
 /// `parse`'s answer when the packet is a TCP or UDP packet now in `SCRATCH_PACKET`.

@@ -394,6 +394,15 @@ fn frames(path: &Path) -> Vec<(usize, Vec<u8>)> {
     out
 }
 
+/// A frame around `body` (its type byte and payload), length and checksum as the writer makes
+/// them: damage inside a frame that its checksum does not give away.
+fn framed(body: &[u8]) -> Vec<u8> {
+    let mut frame = (body.len() as u32).to_le_bytes().to_vec();
+    frame.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
+    frame.extend_from_slice(body);
+    frame
+}
+
 fn rewrite_segment(path: &Path, edit: impl FnOnce(&mut Vec<Vec<u8>>)) {
     let bytes = std::fs::read(path).unwrap();
     let mut fs: Vec<Vec<u8>> = frames(path).into_iter().map(|(_, f)| f).collect();
@@ -1072,10 +1081,7 @@ fn filtered_reading_still_reports_undecodable_records() {
         let at = body.len() - 1 - "deny 10.1.2.0/24".len() - 3;
         assert_eq!(body[at], 0, "DenyReason::Acl");
         body[at] = 9;
-        let mut frame = f[..4].to_vec();
-        frame.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
-        frame.extend_from_slice(&body);
-        *f = frame;
+        *f = framed(&body);
     });
     let f = filter::Filter {
         kinds: vec!["daemon_stop".into()],
@@ -1120,10 +1126,7 @@ fn huge_lengths_inside_a_valid_frame_are_errors() {
         body.push(253);
         body.extend_from_slice(&(1u64 << 40).to_le_bytes());
         body.extend_from_slice(b"signal");
-        let mut frame = (body.len() as u32).to_le_bytes().to_vec();
-        frame.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
-        frame.extend_from_slice(&body);
-        *f = frame;
+        *f = framed(&body);
     });
     let all: anyhow::Result<Vec<Record>> = AuditReader::open(&d.0).unwrap().collect();
     assert!(format!("{:#}", all.unwrap_err()).contains("undecodable record"));
