@@ -79,7 +79,10 @@ impl Drop for UdpEcho {
     }
 }
 
-fn udp_exchange(target: SocketAddr, payload: &[u8]) -> std::io::Result<Vec<u8>> {
+/// One datagram to `target` and its echo, from a fresh socket. The socket is returned open:
+/// the caller keeps it while it makes other exchanges, so that no two of them share a source
+/// port (the kernel may hand a closed socket's port out again), and thus each is a flow.
+fn udp_exchange(target: SocketAddr, payload: &[u8]) -> std::io::Result<(UdpSocket, Vec<u8>)> {
     let bind: SocketAddr = if target.is_ipv4() {
         "0.0.0.0:0".parse().unwrap()
     } else {
@@ -90,7 +93,7 @@ fn udp_exchange(target: SocketAddr, payload: &[u8]) -> std::io::Result<Vec<u8>> 
     sock.send_to(payload, target)?;
     let mut buf = [0u8; 65536];
     let (n, _) = sock.recv_from(&mut buf)?;
-    Ok(buf[..n].to_vec())
+    Ok((sock, buf[..n].to_vec()))
 }
 
 fn str_of<'a>(v: &'a Value, k: &str) -> &'a str {
@@ -167,13 +170,20 @@ fn udp_ipv6_acl_and_rate_limit_with_real_sockets() {
         }
         let mut udp4_ok = 0;
         let mut udp6_ok = 0;
+        let mut open_sockets = Vec::new();
         for i in 0..10u8 {
             let payload = vec![i; 200];
-            udp4_ok += (udp_exchange("10.0.0.100:53".parse().unwrap(), &payload).ok()
-                == Some(payload.clone())) as usize;
-            udp6_ok += (udp_exchange("[fd00::100]:53".parse().unwrap(), &payload).ok()
-                == Some(payload)) as usize;
+            for (vip, ok) in [
+                ("10.0.0.100:53", &mut udp4_ok),
+                ("[fd00::100]:53", &mut udp6_ok),
+            ] {
+                if let Ok((sock, echo)) = udp_exchange(vip.parse().unwrap(), &payload) {
+                    *ok += (echo == payload) as usize;
+                    open_sockets.push(sock);
+                }
+            }
         }
+        drop(open_sockets);
         let adm_refused = TcpStream::connect_timeout(
             &"10.0.0.100:22".parse().unwrap(),
             Duration::from_millis(500),
@@ -217,9 +227,16 @@ fn udp_ipv6_acl_and_rate_limit_with_real_sockets() {
     let closes = of_kind(&log, "conn_close");
     let by_service =
         |kind: &[&Value], svc: &str| kind.iter().filter(|r| str_of(r, "service") == svc).count();
-    assert_eq!(by_service(&opens, "web6"), 10);
-    assert_eq!(by_service(&opens, "dns"), 10);
-    assert_eq!(by_service(&opens, "dns6"), 10);
+    let clients = |svc: &str| -> Vec<&str> {
+        opens
+            .iter()
+            .filter(|r| str_of(r, "service") == svc)
+            .map(|r| str_of(r, "client"))
+            .collect()
+    };
+    for svc in ["web6", "dns", "dns6"] {
+        assert_eq!(by_service(&opens, svc), 10, "{svc}: {:?}", clients(svc));
+    }
     assert_eq!(by_service(&opens, "lim"), lim_ok);
     for r in opens.iter().filter(|r| str_of(r, "service") == "dns6") {
         assert_eq!(str_of(r, "proto"), "udp");
