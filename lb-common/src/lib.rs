@@ -7,6 +7,8 @@
 //! address occupies word 0 and words 1..3 are zero. Ports are stored in network byte order.
 #![no_std]
 
+pub mod flow_table;
+
 /// Address family tags (values of `af` fields).
 pub const AF_INET: u8 = 4;
 pub const AF_INET6: u8 = 6;
@@ -41,7 +43,7 @@ pub mod maps {
     pub const SERVICES: &str = "SERVICES";
     pub const BACKENDS: &str = "BACKENDS";
     pub const MAGLEV: &str = "MAGLEV";
-    /// IPv4 flows, keyed by `FlowKey4`.
+    /// IPv4 flows: the table of `flow_table`.
     pub const FLOWS4: &str = "FLOWS4";
     /// IPv6 flows, keyed by `FlowKey`.
     pub const FLOWS6: &str = "FLOWS6";
@@ -102,8 +104,11 @@ pub mod stat {
     pub const ICMP_TRANSLATED: u32 = 17;
     /// Packets to a VIP of a protocol no service there carries (ICMP echo, other IP protocols).
     pub const DROP_UNSUPPORTED: u32 = 18;
+    /// Packets that would open a flow another CPU was opening at the same instant (a
+    /// retransmitted SYN, typically): dropped, the flow is open for the next one.
+    pub const DROP_OPEN_RACE: u32 = 19;
     /// Number of counters.
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 20;
     /// Their names, by index (for status output and metrics).
     pub const NAMES: [&str; COUNT as usize] = [
         "ringbuf_loss",
@@ -125,6 +130,7 @@ pub mod stat {
         "passed_vlan",
         "icmp_translated",
         "drop_unsupported",
+        "drop_open_race",
     ];
 }
 
@@ -269,8 +275,8 @@ pub struct FlowKey {
     pub _pad: u16,
 }
 
-/// The key of an IPv4 flow in `FLOWS4`: the kernel hashes and compares a map's whole key on
-/// every lookup, and 24 of `FlowKey`'s 40 bytes are zeros for IPv4.
+/// The key of an IPv4 flow in `FLOWS4` (`flow_table`): 24 of `FlowKey`'s 40 bytes are zeros
+/// for IPv4.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey4 {
@@ -495,7 +501,10 @@ pub struct Config {
     pub maglev_size: u32,
     /// `config_flags` bits.
     pub flags: u32,
-    pub _pad: u32,
+    /// Buckets of `FLOWS4` (its entries; `flow_table::buckets_for` the connection capacity).
+    pub flow4_buckets: u32,
+    /// `FLOWS4`'s hash seed, drawn at random when the table is created.
+    pub flow4_seed: u64,
     /// The `STATS[RINGBUF_LOSS]` total the daemon has recorded in `loss` records, so that a
     /// daemon adopting the data plane records only what came after (the program never reads
     /// it).
@@ -600,6 +609,7 @@ mod tests {
         assert_eq!(size_of::<Flow>(), 7 * 8 + 32 + 4 + 12 + 16 + 8);
         assert_eq!(size_of::<NextHop>(), 16);
         assert_eq!(size_of::<ConnEvent>(), 8 + 8 + 8 + 8 + 64 + 8 + 8 + 32);
-        assert_eq!(size_of::<Config>(), 24);
+        assert_eq!(size_of::<Config>(), 32);
+        assert_eq!(size_of::<flow_table::Bucket>(), 16 * 8 + 16 * (16 + 128));
     }
 }

@@ -32,12 +32,13 @@ use aya::{
 use lb_common::{
     AF_INET, AclKey, AclRule, Backend, Config, ConnEvent, Flow, FlowKey, FlowKey4, HopCache,
     MAX_ACL_RULES, MAX_BACKENDS, MAX_SERVICES, ServiceInfo, ServiceKey, VipKey, acl_action, addr,
-    config_flags, flow_dir, maps, service_flags, stat,
+    config_flags, flow_dir, flow_table, maps, service_flags, stat,
 };
 
 use crate::{
     audit::Proto,
     balancer::{PlacedRule, PlacedService},
+    flow_table::FlowTable4,
 };
 
 /// The eBPF object built from `lb-ebpf` by the build script.
@@ -73,17 +74,19 @@ pub struct Dataplane {
     links: Vec<aya::programs::xdp::XdpLinkId>,
     /// Whether the maps were adopted from a previous daemon.
     adopted: bool,
+    /// `FLOWS4`, mapped.
+    flows4: FlowTable4,
 }
 
 /// Bumped whenever the layout or meaning of a map's key or value changes, so that a daemon
 /// never adopts state written by an incompatible build.
-const STATE_LAYOUT: u32 = 3;
+const STATE_LAYOUT: u32 = 4;
 
 impl Dataplane {
     /// Loads the object and the XDP program into the kernel, without attaching it, and with
     /// maps of its own. The Maglev and conntrack maps are sized here, from the configuration.
     pub fn load(maglev_size: u32, conntrack_size: u32) -> anyhow::Result<Self> {
-        Self::load_with(maglev_size, conntrack_size, None)
+        Self::load_with(maglev_size, conntrack_size, None, false)
     }
 
     /// As [`Dataplane::load`], on the maps pinned under `state`: those a previous daemon left
@@ -115,7 +118,7 @@ impl Dataplane {
         let adopted = layout.join(maps::FLOWS4).exists();
         if adopted {
             for (map, want) in [
-                (maps::FLOWS4, 2 * conntrack_size),
+                (maps::FLOWS4, flow_table::buckets_for(conntrack_size)),
                 (maps::FLOWS6, 2 * conntrack_size),
                 (maps::MAGLEV, MAX_SERVICES * maglev_size),
             ] {
@@ -133,16 +136,18 @@ impl Dataplane {
         }
         std::fs::create_dir_all(&layout)
             .with_context(|| format!("creating {}", layout.display()))?;
-        let mut dp = Self::load_with(maglev_size, conntrack_size, Some(&layout))?;
+        let mut dp = Self::load_with(maglev_size, conntrack_size, Some(&layout), adopted)?;
         dp.state = Some(state.to_path_buf());
-        dp.adopted = adopted;
         Ok(dp)
     }
 
+    /// Loads onto new maps, or onto pinned ones under `pins` (`adopted`: left by a previous
+    /// daemon, whose `FLOWS4` hash seed carries over with its flows).
     fn load_with(
         maglev_size: u32,
         conntrack_size: u32,
         pins: Option<&Path>,
+        adopted: bool,
     ) -> anyhow::Result<Self> {
         if EBPF_OBJECT.is_empty() {
             return Err(anyhow!(
@@ -152,7 +157,7 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(maps::MAGLEV, MAX_SERVICES * maglev_size)
-            .map_max_entries(maps::FLOWS4, 2 * conntrack_size)
+            .map_max_entries(maps::FLOWS4, flow_table::buckets_for(conntrack_size))
             .map_max_entries(maps::FLOWS6, 2 * conntrack_size);
         let names = map_names()?;
         if let Some(dir) = pins {
@@ -165,12 +170,14 @@ impl Dataplane {
             .context("loading the eBPF object")?;
         let prog: &mut Xdp = program(&mut ebpf)?;
         prog.load().context("loading the XDP program (verifier)")?;
+        let flows4 = flow_table4(&mut ebpf, flow_table::buckets_for(conntrack_size), adopted)?;
         Ok(Self {
             ebpf,
             state: None,
             ifaces: Vec::new(),
             links: Vec::new(),
-            adopted: false,
+            adopted,
+            flows4,
         })
     }
 
@@ -300,14 +307,10 @@ impl Dataplane {
         maglev_size: u32,
         flow_id_base: u64,
     ) -> anyhow::Result<()> {
-        let adopted = self.adopted;
         let mut cfg: Array<&mut MapData, Config> = Array::try_from(self.map(maps::CONFIG)?)?;
-        // What a previous daemon recorded of the kernel's losses carries over.
-        let ringbuf_loss_recorded = if adopted {
-            cfg.get(&0, 0)?.ringbuf_loss_recorded
-        } else {
-            0
-        };
+        // The flow table's parameters, and what a previous daemon recorded of the kernel's
+        // losses, carry over.
+        let old = cfg.get(&0, 0)?;
         cfg.set(
             0,
             Config {
@@ -315,8 +318,7 @@ impl Dataplane {
                 snat_port_max: snat_ports.1,
                 maglev_size,
                 flags: 0,
-                _pad: 0,
-                ringbuf_loss_recorded,
+                ..old
             },
             0,
         )?;
@@ -554,8 +556,8 @@ impl Dataplane {
 
     /// Every connection in the kernel, both directions paired.
     pub fn flows(&mut self) -> anyhow::Result<Vec<FlowPair>> {
-        let v4 = self.read_flow_map::<FlowKey4>(maps::FLOWS4)?;
-        let v6 = self.read_flow_map::<FlowKey>(maps::FLOWS6)?;
+        let v4 = self.flows4.entries();
+        let v6 = self.read_flows6()?;
         let half = (v4.len() + v6.len()) / 2 + 1;
         let (mut forward, mut replies) = (Vec::with_capacity(half), Vec::with_capacity(half));
         for (key, f) in v4.into_iter().map(|(k, f)| (k.key(), f)).chain(v6) {
@@ -581,26 +583,21 @@ impl Dataplane {
             .collect())
     }
 
-    /// Every entry of one flow map, in batches.
-    fn read_flow_map<K: aya::Pod + Default>(
-        &mut self,
-        name: &str,
-    ) -> anyhow::Result<Vec<(K, Flow)>> {
-        let aya::maps::Map::HashMap(data) = self.map(name)? else {
-            bail!("map {name} is not a hash map");
+    /// Every entry of `FLOWS6`, in batches.
+    fn read_flows6(&mut self) -> anyhow::Result<Vec<(FlowKey, Flow)>> {
+        let aya::maps::Map::HashMap(data) = self.map(maps::FLOWS6)? else {
+            bail!("map {} is not a hash map", maps::FLOWS6);
         };
         use std::os::fd::AsFd as _;
-        lookup_batch(data.fd().as_fd()).map_err(|e| anyhow!("reading the flow table {name}: {e}"))
+        lookup_batch(data.fd().as_fd()).map_err(|e| anyhow!("reading the IPv6 flow table: {e}"))
     }
 
     /// Removes both entries of a connection.
     pub fn remove_flow(&mut self, pair: &FlowPair) -> anyhow::Result<()> {
         let peer = pair.fwd.peer_key(pair.key.proto, pair.key.af);
         if pair.key.af == AF_INET {
-            let mut map: HashMap<&mut MapData, FlowKey4, Flow> =
-                HashMap::try_from(self.map(maps::FLOWS4)?)?;
-            let _ = map.remove(&FlowKey4::of(&pair.key));
-            let _ = map.remove(&FlowKey4::of(&peer));
+            self.flows4.remove(&FlowKey4::of(&pair.key));
+            self.flows4.remove(&FlowKey4::of(&peer));
         } else {
             let mut map: HashMap<&mut MapData, FlowKey, Flow> =
                 HashMap::try_from(self.map(maps::FLOWS6)?)?;
@@ -643,9 +640,7 @@ impl Dataplane {
     }
 
     fn map(&mut self, name: &str) -> anyhow::Result<&mut aya::maps::Map> {
-        self.ebpf
-            .map_mut(name)
-            .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+        map(&mut self.ebpf, name)
     }
 }
 
@@ -829,6 +824,42 @@ impl std::hash::Hasher for KeyHasher {
     }
 }
 
+/// Maps `FLOWS4` of a loaded object. A new table (not `adopted`) gets its bucket count and a
+/// random hash seed in `CONFIG` first; an adopted one is hashed as its creator chose.
+fn flow_table4(ebpf: &mut Ebpf, buckets: u32, adopted: bool) -> anyhow::Result<FlowTable4> {
+    let mut cfg: Array<&mut MapData, Config> = Array::try_from(map(ebpf, maps::CONFIG)?)?;
+    let mut c = cfg.get(&0, 0)?;
+    if !adopted {
+        let mut seed = [0u8; 8];
+        // SAFETY: the buffer is valid for its length.
+        let n = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
+        if n != seed.len() as isize {
+            bail!(
+                "drawing the flow table's hash seed: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        c.flow4_seed = u64::from_ne_bytes(seed);
+        c.flow4_buckets = buckets;
+        cfg.set(0, c, 0)?;
+    } else if c.flow4_buckets != buckets {
+        bail!(
+            "the adopted flow table has {} buckets, its configuration says {buckets}",
+            c.flow4_buckets
+        );
+    }
+    let aya::maps::Map::Array(data) = map(ebpf, maps::FLOWS4)? else {
+        bail!("map {} is not an array", maps::FLOWS4);
+    };
+    use std::os::fd::AsFd as _;
+    FlowTable4::map(data.fd().as_fd(), buckets, c.flow4_seed)
+}
+
+fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {
+    ebpf.map_mut(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+}
+
 /// Pins of XDP links are named after their interface.
 const LINK_PREFIX: &str = "link-";
 
@@ -838,6 +869,7 @@ fn layout_name() -> String {
         std::mem::size_of::<Flow>(),
         std::mem::size_of::<FlowKey>(),
         std::mem::size_of::<FlowKey4>(),
+        std::mem::size_of::<flow_table::Bucket>(),
         std::mem::size_of::<ServiceInfo>(),
         std::mem::size_of::<ServiceKey>(),
         std::mem::size_of::<Backend>(),
@@ -990,7 +1022,8 @@ pub fn socket_addr(words: [u32; 4], af: u8, port_be: u16) -> SocketAddr {
 mod tests {
     use super::*;
 
-    /// The batch lookup sees exactly the flow table's entries (loading a program needs root).
+    /// The table's reader sees exactly its entries, and pairs them (loading a program needs
+    /// root).
     #[test]
     fn flows_reads_every_entry_and_pairs_the_directions() {
         // SAFETY: geteuid has no preconditions.
@@ -1002,43 +1035,39 @@ mod tests {
         }
         let mut dp = Dataplane::load(lb_common::MAGLEV_TABLE_SIZE, 65536).unwrap();
         let mut written = Vec::new();
-        {
-            let mut map: HashMap<&mut MapData, FlowKey4, Flow> =
-                HashMap::try_from(dp.map(maps::FLOWS4).unwrap()).unwrap();
-            for i in 0..10_000u32 {
-                let key = FlowKey4 {
-                    src: i,
-                    sport: (i as u16).to_be(),
-                    proto: lb_common::PROTO_TCP,
-                    ..FlowKey4::default()
-                };
-                let flow = Flow {
-                    flow_id: i as u64,
-                    dir: flow_dir::FORWARD,
-                    nat_src: [0x0a00_0201, 0, 0, 0],
-                    nat_dst: [i.wrapping_mul(7), 0, 0, 0],
-                    nat_sport: (i as u16).wrapping_add(1),
-                    nat_dport: 80u16.to_be(),
+        for i in 0..10_000u32 {
+            let key = FlowKey4 {
+                src: i,
+                sport: (i as u16).to_be(),
+                proto: lb_common::PROTO_TCP,
+                ..FlowKey4::default()
+            };
+            let flow = Flow {
+                flow_id: i as u64,
+                dir: flow_dir::FORWARD,
+                nat_src: [0x0a00_0201, 0, 0, 0],
+                nat_dst: [i.wrapping_mul(7), 0, 0, 0],
+                nat_sport: (i as u16).wrapping_add(1),
+                nat_dport: 80u16.to_be(),
+                ..Flow::default()
+            };
+            assert!(dp.flows4.insert(&key, &flow));
+            written.push((key, flow.flow_id));
+            // Every other connection has its reply entry too.
+            if i % 2 == 0 {
+                let peer = FlowKey4::of(&flow.peer_key(key.proto, AF_INET));
+                let reply = Flow {
+                    flow_id: (1 << 32) | i as u64,
+                    dir: flow_dir::REPLY,
                     ..Flow::default()
                 };
-                map.insert(key, flow, 0).unwrap();
-                written.push((key, flow.flow_id));
-                // Every other connection has its reply entry too.
-                if i % 2 == 0 {
-                    let peer = FlowKey4::of(&flow.peer_key(key.proto, AF_INET));
-                    let reply = Flow {
-                        flow_id: (1 << 32) | i as u64,
-                        dir: flow_dir::REPLY,
-                        ..Flow::default()
-                    };
-                    map.insert(peer, reply, 0).unwrap();
-                    written.push((peer, reply.flow_id));
-                }
+                assert!(dp.flows4.insert(&peer, &reply));
+                written.push((peer, reply.flow_id));
             }
         }
         let mut read: Vec<(FlowKey4, u64)> = dp
-            .read_flow_map::<FlowKey4>(maps::FLOWS4)
-            .expect("batch lookups work on this kernel")
+            .flows4
+            .entries()
             .into_iter()
             .map(|(k, f)| (k, f.flow_id))
             .collect();
@@ -1056,5 +1085,13 @@ mod tests {
                 "pairing of connection {i}"
             );
         }
+        // Removal finds both entries by their keys' hash.
+        for p in pairs.iter().filter(|p| p.fwd.flow_id % 4 == 0) {
+            dp.remove_flow(p).unwrap();
+        }
+        let left = dp.flows().unwrap();
+        assert_eq!(left.len(), 7_500);
+        assert!(left.iter().all(|p| p.fwd.flow_id % 4 != 0));
+        assert_eq!(dp.flows4.entries().len(), written.len() - 2 * 2_500);
     }
 }

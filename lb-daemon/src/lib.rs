@@ -29,6 +29,7 @@ pub mod control;
 pub mod daemon;
 pub mod dataplane;
 pub mod export;
+pub mod flow_table;
 pub mod health;
 pub mod history;
 pub mod journal;

@@ -40,6 +40,7 @@ unsafe extern "C" {}
 mod atomic;
 mod copy;
 mod csum;
+mod flow_table;
 mod headers;
 
 use core::ptr::{read_unaligned as rd, write_unaligned as wr};
@@ -78,15 +79,12 @@ static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 /// Sized by the daemon at load time: `MAX_SERVICES * Config::maglev_size`.
 #[map]
 static MAGLEV: Array<u32> = Array::with_max_entries(MAX_SERVICES * MAGLEV_TABLE_SIZE, 0);
-/// Both directions of every IPv4 connection (see `Flow`), by a 16-byte key: the kernel hashes
-/// and compares the whole key on every lookup. Sized by the daemon at load time to twice
-/// `--conntrack-size`. Not LRU: the kernel never drops a flow silently. The daemon evicts
-/// (with a record) before the table fills; a flow that still finds it full is refused with a
+/// Both directions of every IPv6 connection (see `Flow`), by the whole `FlowKey` (IPv4 ones
+/// are in `flow_table`'s `FLOWS4`); entries are allocated as flows come, so a table that IPv6
+/// never fills costs no memory. Sized by the daemon at load time to twice `--conntrack-size`.
+/// Not LRU, as neither is `FLOWS4`: the kernel never drops a flow silently. The daemon evicts
+/// (with a record) before the tables fill; a flow that still finds no room is refused with a
 /// record. Go through `flow_get`, `flow_insert` and `flow_remove`.
-#[map]
-static FLOWS4: HashMap<FlowKey4, Flow> = HashMap::with_max_entries(2 * CONNTRACK_MAX, 0);
-/// The same for IPv6 connections, by the whole `FlowKey`; entries are allocated as flows come,
-/// so a table that IPv6 never fills costs no memory.
 #[map]
 static FLOWS6: HashMap<FlowKey, Flow> =
     HashMap::with_max_entries(2 * CONNTRACK_MAX, BPF_F_NO_PREALLOC);
@@ -133,7 +131,7 @@ const TOKEN: u64 = 1_000_000;
 const MAX_L4_OFFSET: usize = ETH_HLEN + 60;
 /// `rule` of a deny record that no ACL rule caused.
 const NO_RULE: u32 = u32::MAX;
-const E2BIG: i64 = 7;
+use flow_table::E2BIG;
 /// An insert into a table allocated on demand (`FLOWS6`) that found no memory.
 const ENOMEM: i64 = 12;
 
@@ -218,7 +216,7 @@ pub struct Keys {
     src: SourceKey,
     fib: bpf_fib_lookup,
     icmp: FlowKey,
-    /// `FLOWS4`'s key of a `FlowKey`, for `flow_get`, `flow_insert` and `flow_remove`: each use
+    /// The IPv4 key of a `FlowKey`, for `flow_get`, `flow_insert` and `flow_remove`: each use
     /// is over before the next one starts.
     flow4: FlowKey4,
 }
@@ -244,35 +242,42 @@ fn key4(key: &FlowKey) -> Option<&'static FlowKey4> {
     }
 }
 
-/// The entry of `key` in its family's flow map.
+/// The entry of `key` in its family's flow table.
 #[inline(always)]
 fn flow_get(key: &FlowKey) -> Option<*mut Flow> {
     if key.af == AF_INET {
-        FLOWS4.get_ptr_mut(key4(key)?)
+        flow_table::lookup(key4(key)?)
     } else {
         FLOWS6.get_ptr_mut(key)
     }
 }
 
 /// The entry of the parsed packet's 5-tuple (whose IPv4 key the parse built).
-// `&pkt.key4`, not `pkt.key4`: a key passed by value would be copied onto the stack.
-#[allow(clippy::needless_borrows_for_generic_args)]
 #[inline(always)]
 fn packet_flow(pkt: &Packet) -> Option<*mut Flow> {
     if pkt.key.af == AF_INET {
-        FLOWS4.get_ptr_mut(&pkt.key4)
+        flow_table::lookup(&pkt.key4)
     } else {
         FLOWS6.get_ptr_mut(&pkt.key)
     }
 }
 
-/// Inserts `value` under `key` in its family's flow map (`BPF_ANY` or `BPF_NOEXIST`).
+/// Inserts `value` under `key` in its family's flow table (`BPF_ANY`: replacing an entry of
+/// the same key, or `BPF_NOEXIST`). The error is negative: `-E2BIG` or `-ENOMEM` when there is
+/// no room, `-EEXIST`, or (`FLOWS4`) `-EAGAIN` when another CPU inserted the key at the same
+/// instant.
 #[inline(always)]
-fn flow_insert(key: &FlowKey, value: &Flow, flags: u32) -> Result<(), i32> {
+fn flow_insert(key: &FlowKey, value: &Flow, flags: u32) -> Result<(), i64> {
     if key.af == AF_INET {
-        FLOWS4.insert(key4(key).ok_or(0)?, value, flags as u64)
+        let k = key4(key).ok_or(-E2BIG)?;
+        match flow_table::insert(k, value, flags == BPF_ANY) {
+            0 => Ok(()),
+            e => Err(e),
+        }
     } else {
-        FLOWS6.insert(key, value, flags as u64)
+        FLOWS6
+            .insert(key, value, flags as u64)
+            .map_err(|e| e as i64)
     }
 }
 
@@ -280,7 +285,7 @@ fn flow_insert(key: &FlowKey, value: &Flow, flags: u32) -> Result<(), i32> {
 fn flow_remove(key: &FlowKey) {
     if key.af == AF_INET {
         if let Some(k) = key4(key) {
-            let _ = FLOWS4.remove(k);
+            flow_table::remove(k);
         }
     } else {
         let _ = FLOWS6.remove(key);
@@ -1066,13 +1071,16 @@ fn try_open_flow(ctx: &XdpContext, pkt: &Packet, svc: &ServiceInfo) -> Result<()
         return Err(port);
     }
     fwd.nat_sport = port as u16;
-    if flow_insert(key, &*fwd, BPF_ANY).is_err() {
+    if let Err(e) = flow_insert(key, &*fwd, BPF_ANY) {
         let k = keys().map_err(|()| deny_code(deny_reason::CONNTRACK_FULL, NO_RULE))?;
         // SAFETY: per-CPU scratch, this field used only here.
         unsafe {
             let peer = &raw mut (*k).failed_peer;
             *peer = fwd.peer_key(key.proto, key.af);
             flow_remove(&*peer);
+        }
+        if e == -flow_table::EAGAIN {
+            return Err(drop_code(stat::DROP_OPEN_RACE));
         }
         return Err(deny_code(deny_reason::CONNTRACK_FULL, NO_RULE));
     }
@@ -1406,7 +1414,7 @@ fn reserve_snat_port(key: &FlowKey, be: &Backend, cfg: &Config, rev: &Flow, hash
                 }
                 return rkey.dport as u64;
             }
-            Err(e) if e as i64 == -E2BIG || e as i64 == -ENOMEM => {
+            Err(e) if e == -E2BIG || e == -ENOMEM => {
                 return deny_code(deny_reason::CONNTRACK_FULL, NO_RULE);
             }
             Err(_) => {}
