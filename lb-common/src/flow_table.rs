@@ -7,23 +7,24 @@
 //! by the verifier, so the table's lookup is plain loads and compares in the program.
 //!
 //! Layout: a key hashes (with a per-table random seed, so that clients cannot aim at one
-//! bucket) to two candidate buckets and a 62-bit tag. A bucket is a line of `WAYS` tag words
-//! followed by `WAYS` slots (key and `Flow`); a lookup compares the tags of both buckets and
-//! the key of a slot whose tag matches. A new entry goes to the emptier of its two buckets
+//! bucket) to two candidate buckets and a 62-bit tag. A bucket is a lock word and `WAYS` tag
+//! words (two cache lines) followed by `WAYS` slots (key and `Flow`); a lookup compares the
+//! tags of both buckets and the key of a slot whose tag matches. A new entry goes to the emptier of its two buckets
 //! (the "power of two choices" keeps buckets even: with `buckets_for`'s two thirds load at a
 //! full table no bucket overflows in practice).
 //!
 //! A tag word's low two bits are its slot's state (`EMPTY`, `PENDING`, `LIVE`); the other
-//! bits are the key's tag. Writers claim a slot by a compare-and-swap of its tag word from
-//! `EMPTY` to `PENDING`, fill it, check that no other slot of the two buckets holds the same
-//! tag (two CPUs inserting the same key at once both see each other's claim, or one of them
-//! does, and that one withdraws), and publish it by a compare-and-swap to `LIVE`. Readers take
-//! `LIVE` slots only. Removal is a compare-and-swap from the `LIVE` tag to `EMPTY`, by the
-//! program or by the daemon through the mapping.
+//! bits are the key's tag. An insert holds the lock of its key's first bucket (taken by a
+//! compare-and-swap, never waited for: a CPU that finds it taken gives up), so that two CPUs
+//! never insert one key at once; it claims a slot in either bucket by a compare-and-swap of its
+//! tag word from `EMPTY` to `PENDING` (inserts of other keys may share the bucket), fills it,
+//! and publishes it by a compare-and-swap to `LIVE`. Readers take `LIVE` slots only. Removal is
+//! a compare-and-swap from the `LIVE` tag to `EMPTY`, by the program or by the daemon through
+//! the mapping, without the lock.
 use crate::{Flow, FlowKey4};
 
 /// Slots per bucket.
-pub const WAYS: usize = 16;
+pub const WAYS: usize = 15;
 
 /// Slot states, the low bits of a tag word.
 pub const EMPTY: u64 = 0;
@@ -43,6 +44,8 @@ pub struct Slot {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct Bucket {
+    /// Held (1) by an insert of a key whose first bucket this is.
+    pub lock: u64,
     /// Per slot: the key's tag and the slot's state.
     pub tags: [u64; WAYS],
     pub slots: [Slot; WAYS],

@@ -610,6 +610,6 @@ mod tests {
         assert_eq!(size_of::<NextHop>(), 16);
         assert_eq!(size_of::<ConnEvent>(), 8 + 8 + 8 + 8 + 64 + 8 + 8 + 32);
         assert_eq!(size_of::<Config>(), 32);
-        assert_eq!(size_of::<flow_table::Bucket>(), 16 * 8 + 16 * (16 + 128));
+        assert_eq!(size_of::<flow_table::Bucket>(), 16 * 8 + 15 * (16 + 128));
     }
 }

@@ -8,9 +8,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     CONNTRACK_MAX, Flow, FlowKey4,
-    flow_table::{
-        Bucket, EMPTY, LIVE, PENDING, Place, STATE_MASK, Slot, WAYS, buckets_for, key_words,
-    },
+    flow_table::{Bucket, EMPTY, LIVE, PENDING, Place, Slot, WAYS, buckets_for, key_words},
 };
 
 use crate::{CONFIG, atomic};
@@ -38,15 +36,16 @@ fn opaque(v: u64) -> u64 {
     }
 }
 
-/// Slot index `i` through `opaque`: one value below `WAYS`.
+/// Slot index `i` (below `WAYS`) through `opaque`: one value below `WAYS`.
 #[inline(always)]
-fn opaque_index(i: usize) -> usize {
-    opaque(i as u64) as usize & (WAYS - 1)
+fn opaque_index(i: usize) -> Option<usize> {
+    let i = opaque(i as u64) as usize;
+    (i < WAYS).then_some(i)
 }
 
 /// Both candidate buckets were full.
 pub const E2BIG: i64 = 7;
-/// Another CPU was inserting the same key at the same instant.
+/// Another CPU was inserting into the same bucket at the same instant.
 pub const EAGAIN: i64 = 11;
 /// The key is in the table (and was not to be replaced).
 pub const EEXIST: i64 = 17;
@@ -64,7 +63,7 @@ fn place(key: &FlowKey4) -> Option<Place> {
 #[inline(always)]
 fn find(index: u32, tag: u64, words: &[u64; 2]) -> Option<(*mut u64, *mut Slot)> {
     let b = FLOWS4.get_ptr_mut(index)?;
-    let i = opaque_index(scan_for(b, tag, words)?);
+    let i = opaque_index(scan_for(b, tag, words)?)?;
     // SAFETY: `i` is below `WAYS`: a slot of a live array value.
     unsafe { Some((&raw mut (*b).tags[i], &raw mut (*b).slots[i])) }
 }
@@ -119,33 +118,51 @@ pub fn insert(key: &FlowKey4, flow: &Flow, replace: bool) -> i64 {
     let Some(p) = place(key) else {
         return -E2BIG;
     };
-    let words = key_words(key);
     let (Some(b1), Some(b2)) = (FLOWS4.get_ptr_mut(p.first), FLOWS4.get_ptr_mut(p.second)) else {
         return -E2BIG;
     };
-    let free1 = match scan(b1, &p, &words, replace) {
+    // SAFETY: an aligned field of a live array value, changed only atomically.
+    let lock = unsafe { &raw mut (*b1).lock };
+    // SAFETY: as above.
+    if unsafe { atomic::cmpxchg(lock, 0, 1) } != 0 {
+        return -EAGAIN;
+    }
+    let r = insert_locked(key, flow, replace, &p, b1, b2);
+    // SAFETY: as above; the compare-and-swap orders the inserts' stores before the release.
+    unsafe { atomic::cmpxchg(lock, 1, 0) };
+    r
+}
+
+/// `insert`, with the first bucket's lock held: no other CPU inserts this key meanwhile.
+#[inline(always)]
+fn insert_locked(
+    key: &FlowKey4,
+    flow: &Flow,
+    replace: bool,
+    p: &Place,
+    b1: *mut Bucket,
+    b2: *mut Bucket,
+) -> i64 {
+    let words = key_words(key);
+    let free1 = match scan(b1, p, &words, replace) {
         Ok(n) => n,
         Err(e) => return e,
     };
     let free2 = if p.second == p.first {
         0
     } else {
-        match scan(b2, &p, &words, replace) {
+        match scan(b2, p, &words, replace) {
             Ok(n) => n,
             Err(e) => return e,
         }
     };
-    // The emptier bucket; its first free slot.
+    // The emptier bucket; its first free slot (inserts of other keys may be claiming too).
     let (free1, free2) = (opaque(free1 as u64), opaque(free2 as u64));
-    let (b, index) = if free2 > free1 {
-        (b2, p.second)
-    } else {
-        (b1, p.first)
-    };
+    let b = if free2 > free1 { b2 } else { b1 };
     let pending = p.tag | PENDING;
     let mut claimed = WAYS;
     for i in 0..WAYS {
-        // SAFETY: as above.
+        // SAFETY: fields of a live array value; tag words are changed only atomically.
         unsafe {
             let t = &raw mut (*b).tags[i];
             if atomic::load(t) == EMPTY && atomic::cmpxchg(t, EMPTY, pending) == EMPTY {
@@ -154,10 +171,9 @@ pub fn insert(key: &FlowKey4, flow: &Flow, replace: bool) -> i64 {
             }
         }
     }
-    if claimed >= WAYS {
+    let Some(claimed) = opaque_index(claimed) else {
         return -E2BIG;
-    }
-    let claimed = opaque_index(claimed);
+    };
     // SAFETY: the claimed slot is ours until published; word by word, with volatile stores
     // (a struct copy would go through the stack).
     unsafe {
@@ -172,23 +188,14 @@ pub fn insert(key: &FlowKey4, flow: &Flow, replace: bool) -> i64 {
         for w in 0..core::mem::size_of::<Flow>() / 8 {
             core::ptr::write_volatile(dst.add(w), *src.add(w));
         }
+        // The compare-and-swap orders the slot's stores before the tag's.
+        atomic::cmpxchg(&raw mut (*b).tags[claimed], pending, p.tag | LIVE);
     }
-    // Another claim of this tag in either bucket, taken after our scan: of two CPUs inserting
-    // one key, each claimed before looking (compare-and-swap is a full barrier), so at least
-    // one sees the other's; that one withdraws.
-    let skip = |bucket: u32| if bucket == index { claimed } else { WAYS };
-    if claimed_in(b1, p.tag, skip(p.first)) || claimed_in(b2, p.tag, skip(p.second)) {
-        // SAFETY: as above.
-        unsafe { atomic::cmpxchg(&raw mut (*b).tags[claimed], pending, EMPTY) };
-        return -EAGAIN;
-    }
-    // SAFETY: as above; the compare-and-swap orders the slot's stores before the tag's.
-    unsafe { atomic::cmpxchg(&raw mut (*b).tags[claimed], pending, p.tag | LIVE) };
     0
 }
 
-/// Free slots of bucket `b`, after removing `key`'s entry there when `replace`; an error when
-/// the key is there (and not to be replaced) or being inserted.
+/// Free slots of bucket `b`, after removing `key`'s entry there when `replace`; `-EEXIST`
+/// when it is there and not to be replaced.
 #[inline(always)]
 fn scan(b: *mut Bucket, p: &Place, words: &[u64; 2], replace: bool) -> Result<u32, i64> {
     let mut free = 0;
@@ -200,10 +207,7 @@ fn scan(b: *mut Bucket, p: &Place, words: &[u64; 2], replace: bool) -> Result<u3
             let tag = atomic::load(t);
             if tag == EMPTY {
                 free += 1;
-            } else if tag & !STATE_MASK == p.tag {
-                if tag & STATE_MASK == PENDING {
-                    return Err(-EAGAIN);
-                }
+            } else if tag == p.tag | LIVE {
                 let k = (&raw const (*b).slots[i].key).cast::<u64>();
                 if *k == words[0] && *k.add(1) == words[1] {
                     if !replace {
@@ -216,17 +220,4 @@ fn scan(b: *mut Bucket, p: &Place, words: &[u64; 2], replace: bool) -> Result<u3
         }
     }
     Ok(free)
-}
-
-/// Whether a slot of bucket `b` other than `skip` holds or is taking `tag`.
-#[inline(always)]
-fn claimed_in(b: *mut Bucket, tag: u64, skip: usize) -> bool {
-    for i in 0..WAYS {
-        // SAFETY: an aligned tag word of a live array value.
-        let t = unsafe { atomic::load(&raw const (*b).tags[i]) };
-        if i != skip && t != EMPTY && t & !STATE_MASK == tag {
-            return true;
-        }
-    }
-    false
 }
