@@ -86,11 +86,22 @@ fn scan_for(b: *mut Bucket, tag: u64, words: &[u64; 2]) -> Option<usize> {
     None
 }
 
+/// Reads bucket `index`'s first tag line, so that, when the bucket is not in the caches, its
+/// miss overlaps the first candidate's instead of following it.
+#[inline(always)]
+fn touch(index: u32) {
+    if let Some(b) = FLOWS4.get_ptr(index) {
+        // SAFETY: an aligned tag word of a live array value.
+        unsafe { atomic::load(&raw const (*b).tags[0]) };
+    }
+}
+
 /// The live entry of `key`.
 #[inline(always)]
 pub fn lookup(key: &FlowKey4) -> Option<*mut Flow> {
     let p = place(key)?;
     let words = key_words(key);
+    touch(p.second);
     let (_, s) =
         find(p.first, p.tag | LIVE, &words).or_else(|| find(p.second, p.tag | LIVE, &words))?;
     // SAFETY: a slot of a live array value.
@@ -121,6 +132,7 @@ pub fn insert(key: &FlowKey4, flow: &Flow, replace: bool) -> i64 {
     let (Some(b1), Some(b2)) = (FLOWS4.get_ptr_mut(p.first), FLOWS4.get_ptr_mut(p.second)) else {
         return -E2BIG;
     };
+    touch(p.second);
     // SAFETY: an aligned field of a live array value, changed only atomically.
     let lock = unsafe { &raw mut (*b1).lock };
     // SAFETY: as above.
@@ -128,8 +140,9 @@ pub fn insert(key: &FlowKey4, flow: &Flow, replace: bool) -> i64 {
         return -EAGAIN;
     }
     let r = insert_locked(key, flow, replace, &p, b1, b2);
-    // SAFETY: as above; the compare-and-swap orders the inserts' stores before the release.
-    unsafe { atomic::cmpxchg(lock, 1, 0) };
+    // SAFETY: as above. A plain store: the insert's last step, the compare-and-swap that
+    // publishes its slot, already ordered everything before it.
+    unsafe { core::ptr::write_volatile(lock, 0) };
     r
 }
 
