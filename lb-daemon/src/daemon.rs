@@ -656,10 +656,14 @@ fn close_in_user_space(
     reason: u8,
     clock: &Clock,
 ) -> anyhow::Result<()> {
-    // Remove first: a packet arriving now finds no flow rather than being counted after the
-    // record was written.
+    // Closed first, as the program closes a flow: of the two, exactly one records the end.
+    // Then removed before the record: a packet arriving now finds no flow rather than being
+    // counted after the record was written.
+    let ours = dp.close_flow(pair);
     dp.remove_flow(pair)?;
-    record_close(audit, names, pair, reason, clock);
+    if ours {
+        record_close(audit, names, pair, reason, clock);
+    }
     Ok(())
 }
 

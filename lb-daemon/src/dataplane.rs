@@ -592,12 +592,24 @@ impl Dataplane {
         lookup_batch(data.fd().as_fd()).map_err(|e| anyhow!("reading the IPv6 flow table: {e}"))
     }
 
-    /// Removes both entries of a connection.
+    /// Closes a connection in the kernel's state, as the program does when it sees the end of
+    /// one: whether the caller is the one that closed it, and so writes its close record
+    /// (`false`: the program closed it meanwhile, and its record is in the ring buffer). IPv6
+    /// flows are in a kernel hash map, whose values user space cannot change atomically: `true`.
+    pub fn close_flow(&mut self, pair: &FlowPair) -> bool {
+        pair.key.af != AF_INET
+            || self
+                .flows4
+                .mark_closed(&FlowKey4::of(&pair.key), pair.fwd.flow_id)
+    }
+
+    /// Removes both entries of a connection (IPv4: if they still belong to it).
     pub fn remove_flow(&mut self, pair: &FlowPair) -> anyhow::Result<()> {
         let peer = pair.fwd.peer_key(pair.key.proto, pair.key.af);
         if pair.key.af == AF_INET {
-            self.flows4.remove(&FlowKey4::of(&pair.key));
-            self.flows4.remove(&FlowKey4::of(&peer));
+            let id = pair.fwd.flow_id;
+            self.flows4.remove(&FlowKey4::of(&pair.key), id);
+            self.flows4.remove(&FlowKey4::of(&peer), id);
         } else {
             let mut map: HashMap<&mut MapData, FlowKey, Flow> =
                 HashMap::try_from(self.map(maps::FLOWS6)?)?;
@@ -1052,26 +1064,28 @@ mod tests {
                 ..Flow::default()
             };
             assert!(dp.flows4.insert(&key, &flow));
-            written.push((key, flow.flow_id));
-            // Every other connection has its reply entry too.
+            written.push((key, flow.flow_id, flow.dir));
+            // Every other connection has its reply entry too (same flow id, as the program
+            // writes it; its packet count marks it).
             if i % 2 == 0 {
                 let peer = FlowKey4::of(&flow.peer_key(key.proto, AF_INET));
                 let reply = Flow {
-                    flow_id: (1 << 32) | i as u64,
+                    flow_id: i as u64,
+                    packets: (1 << 32) | i as u64,
                     dir: flow_dir::REPLY,
                     ..Flow::default()
                 };
                 assert!(dp.flows4.insert(&peer, &reply));
-                written.push((peer, reply.flow_id));
+                written.push((peer, reply.flow_id, reply.dir));
             }
         }
-        let mut read: Vec<(FlowKey4, u64)> = dp
+        let mut read: Vec<(FlowKey4, u64, u8)> = dp
             .flows4
             .entries()
             .into_iter()
-            .map(|(k, f)| (k, f.flow_id))
+            .map(|(k, f)| (k, f.flow_id, f.dir))
             .collect();
-        let order = |v: &mut Vec<(FlowKey4, u64)>| v.sort_by_key(|(_, id)| *id);
+        let order = |v: &mut Vec<(FlowKey4, u64, u8)>| v.sort_by_key(|(_, id, dir)| (*id, *dir));
         order(&mut read);
         order(&mut written);
         assert_eq!(read, written);
@@ -1080,11 +1094,27 @@ mod tests {
         for p in &pairs {
             let i = p.fwd.flow_id;
             assert_eq!(
-                p.rev.map(|r| r.flow_id),
+                p.rev.map(|r| r.packets),
                 (i % 2 == 0).then_some((1 << 32) | i),
                 "pairing of connection {i}"
             );
         }
+        // Closing: whoever sets CLOSED first (the program or the daemon) records the end.
+        let first = pairs.iter().find(|p| p.fwd.flow_id == 0).unwrap();
+        assert!(dp.close_flow(first));
+        assert!(!dp.close_flow(first), "closed once only");
+        // An entry that a new flow has taken over (another flow id) is not the daemon's to
+        // close or remove.
+        let stale = FlowPair {
+            fwd: Flow {
+                flow_id: 99_999,
+                ..first.fwd
+            },
+            ..*first
+        };
+        assert!(!dp.close_flow(&stale));
+        dp.remove_flow(&stale).unwrap();
+        assert_eq!(dp.flows().unwrap().len(), 10_000);
         // Removal finds both entries by their keys' hash.
         for p in pairs.iter().filter(|p| p.fwd.flow_id % 4 == 0) {
             dp.remove_flow(p).unwrap();

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::bail;
 use lb_common::{
-    Flow, FlowKey4,
+    Flow, FlowKey4, flow_state,
     flow_table::{Bucket, EMPTY, LIVE, Place, STATE_MASK, Slot, WAYS, key_words},
 };
 
@@ -94,8 +94,9 @@ impl FlowTable4 {
         out
     }
 
-    /// Removes the live entry of `key`; whether there was one.
-    pub fn remove(&self, key: &FlowKey4) -> bool {
+    /// The live slot of `key` whose entry belongs to flow `flow_id`: its tag word and value,
+    /// and the tag word's value.
+    fn find(&self, key: &FlowKey4, flow_id: u64) -> Option<(&AtomicU64, *mut Slot, u64)> {
         let p = Place::of(key, self.seed, self.buckets);
         let words = key_words(key);
         for b in [p.first, p.second] {
@@ -105,17 +106,43 @@ impl FlowTable4 {
                 if t.load(Ordering::Acquire) != p.tag | LIVE {
                     continue;
                 }
-                // SAFETY: a slot inside the mapping whose key is fixed while it is live.
-                let k = unsafe { std::ptr::read_volatile(&raw const (*bucket).slots[i].key) };
-                if key_words(&k) == words
-                    && t.compare_exchange(p.tag | LIVE, EMPTY, Ordering::AcqRel, Ordering::Relaxed)
-                        .is_ok()
-                {
-                    return true;
+                // SAFETY: a slot inside the mapping, whose key and flow id are fixed while it
+                // is live.
+                let slot = unsafe { &raw mut (*bucket).slots[i] };
+                // SAFETY: as above.
+                let (k, id) = unsafe {
+                    (
+                        std::ptr::read_volatile(&raw const (*slot).key),
+                        std::ptr::read_volatile(&raw const (*slot).flow.flow_id),
+                    )
+                };
+                if key_words(&k) == words && id == flow_id {
+                    return Some((t, slot, p.tag | LIVE));
                 }
             }
         }
-        false
+        None
+    }
+
+    /// Removes the entry of `key` if it still belongs to flow `flow_id` (the program may have
+    /// reopened the 5-tuple since it was read); whether it did.
+    pub fn remove(&self, key: &FlowKey4, flow_id: u64) -> bool {
+        self.find(key, flow_id).is_some_and(|(t, _, live)| {
+            t.compare_exchange(live, EMPTY, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        })
+    }
+
+    /// Sets `CLOSED` on the forward entry `key` of flow `flow_id`, as the program does when it
+    /// closes a flow; whether this call set it (and so the caller writes the close record),
+    /// rather than the program before it, or the entry being gone.
+    pub fn mark_closed(&self, key: &FlowKey4, flow_id: u64) -> bool {
+        self.find(key, flow_id).is_some_and(|(_, slot, _)| {
+            // SAFETY: an aligned u64 of a live slot inside the mapping, which the program
+            // changes only atomically.
+            let state = unsafe { AtomicU64::from_ptr(&raw mut (*slot).flow.state) };
+            state.fetch_or(flow_state::CLOSED, Ordering::AcqRel) & flow_state::CLOSED == 0
+        })
     }
 
     /// Inserts an entry as the program would, without its guard against concurrent inserts of

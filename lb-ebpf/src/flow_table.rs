@@ -71,19 +71,23 @@ fn find(index: u32, tag: u64, words: &[u64; 2]) -> Option<(*mut u64, *mut Slot)>
 #[inline(always)]
 fn scan_for(b: *mut Bucket, tag: u64, words: &[u64; 2]) -> Option<usize> {
     for i in 0..WAYS {
-        // SAFETY: fields of an array value, valid for the duration of this run; tag words are
-        // aligned u64s that other CPUs only change atomically, and a slot's key does not
-        // change while its tag is `LIVE`.
-        unsafe {
-            if atomic::load(&raw const (*b).tags[i]) == tag {
-                let k = (&raw const (*b).slots[i].key).cast::<u64>();
-                if *k == words[0] && *k.add(1) == words[1] {
-                    return Some(i);
-                }
-            }
+        // SAFETY: an aligned tag word of a live array value, which other CPUs (and the daemon)
+        // change only atomically.
+        if unsafe { atomic::load(&raw const (*b).tags[i]) } == tag && holds(b, i, words) {
+            return Some(i);
         }
     }
     None
+}
+
+/// Whether slot `i` of bucket `b` holds the key `words` (fixed while its tag is `LIVE`).
+#[inline(always)]
+fn holds(b: *mut Bucket, i: usize, words: &[u64; 2]) -> bool {
+    // SAFETY: the 8-byte aligned key of a slot of a live array value.
+    unsafe {
+        let k = (&raw const (*b).slots[i].key).cast::<u64>();
+        *k == words[0] && *k.add(1) == words[1]
+    }
 }
 
 /// Reads bucket `index`'s first tag line, so that, when the bucket is not in the caches, its
@@ -96,7 +100,8 @@ fn touch(index: u32) {
     }
 }
 
-/// The live entry of `key`.
+/// The live entry of `key`: the first bucket's tags, then the second's (loading the second
+/// from the start, in case).
 #[inline(always)]
 pub fn lookup(key: &FlowKey4) -> Option<*mut Flow> {
     let p = place(key)?;
@@ -213,22 +218,18 @@ fn insert_locked(
 fn scan(b: *mut Bucket, p: &Place, words: &[u64; 2], replace: bool) -> Result<u32, i64> {
     let mut free = 0;
     for i in 0..WAYS {
-        // SAFETY: fields of a live array value; tag words are changed only atomically, and a
-        // slot's key is complete once its tag is `LIVE`.
+        // SAFETY: an aligned tag word of a live array value, changed only atomically.
         unsafe {
             let t = &raw mut (*b).tags[i];
             let tag = atomic::load(t);
             if tag == EMPTY {
                 free += 1;
-            } else if tag == p.tag | LIVE {
-                let k = (&raw const (*b).slots[i].key).cast::<u64>();
-                if *k == words[0] && *k.add(1) == words[1] {
-                    if !replace {
-                        return Err(-EEXIST);
-                    }
-                    atomic::cmpxchg(t, tag, EMPTY);
-                    free += 1;
+            } else if tag == p.tag | LIVE && holds(b, i, words) {
+                if !replace {
+                    return Err(-EEXIST);
                 }
+                atomic::cmpxchg(t, tag, EMPTY);
+                free += 1;
             }
         }
     }
