@@ -91,6 +91,20 @@ impl Place {
     }
 }
 
+/// `key_words` of the key of these fields, without the key in memory.
+#[inline(always)]
+pub fn words(src: u32, dst: u32, sport: u16, dport: u16, proto: u8) -> [u64; 2] {
+    key_words(&FlowKey4 {
+        src,
+        dst,
+        sport,
+        dport,
+        proto,
+        _pad0: 0,
+        _pad1: 0,
+    })
+}
+
 /// The key as the two words a slot is compared by (its memory, read as two u64s: the
 /// program and the daemon run on one machine, so both read the same words).
 #[inline(always)]

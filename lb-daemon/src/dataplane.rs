@@ -841,7 +841,9 @@ impl std::hash::Hasher for KeyHasher {
 fn flow_table4(ebpf: &mut Ebpf, buckets: u32, adopted: bool) -> anyhow::Result<FlowTable4> {
     let mut cfg: Array<&mut MapData, Config> = Array::try_from(map(ebpf, maps::CONFIG)?)?;
     let mut c = cfg.get(&0, 0)?;
-    if !adopted {
+    // An adopted table without parameters was created by a daemon that stopped before it
+    // wrote them, before any program ran on it.
+    if !adopted || c.flow4_buckets == 0 {
         let mut seed = [0u8; 8];
         // SAFETY: the buffer is valid for its length.
         let n = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };

@@ -68,6 +68,7 @@ use lb_common::{
     open_reason, service_flags, stat,
 };
 
+use flow_table::E2BIG;
 use headers::*;
 
 #[map]
@@ -131,7 +132,6 @@ const TOKEN: u64 = 1_000_000;
 const MAX_L4_OFFSET: usize = ETH_HLEN + 60;
 /// `rule` of a deny record that no ACL rule caused.
 const NO_RULE: u32 = u32::MAX;
-use flow_table::E2BIG;
 /// An insert into a table allocated on demand (`FLOWS6`) that found no memory.
 const ENOMEM: i64 = 12;
 
@@ -264,8 +264,8 @@ fn packet_flow(pkt: &Packet) -> Option<*mut Flow> {
 
 /// Inserts `value` under `key` in its family's flow table (`BPF_ANY`: replacing an entry of
 /// the same key, or `BPF_NOEXIST`). The error is negative: `-E2BIG` or `-ENOMEM` when there is
-/// no room, `-EEXIST`, or (`FLOWS4`) `-EAGAIN` when another CPU inserted the key at the same
-/// instant.
+/// no room, `-EEXIST`, or (`FLOWS4`) `-EAGAIN` when another CPU was inserting into the key's
+/// first bucket at that instant.
 #[inline(always)]
 fn flow_insert(key: &FlowKey, value: &Flow, flags: u32) -> Result<(), i64> {
     if key.af == AF_INET {
@@ -541,7 +541,16 @@ fn transport(
     out.key.af = af;
     out.key._pad = 0;
     if af == AF_INET {
-        out.key4 = FlowKey4::of(&out.key);
+        // As the two words the flow table hashes and compares, stored whole: the lookup's
+        // loads of them are then forwarded from these stores (narrower field stores would
+        // make each load wait for them to reach the cache).
+        let w = lb_common::flow_table::words(src[0], dst[0], sport, dport, proto);
+        let k = (&raw mut out.key4).cast::<u64>();
+        // SAFETY: `key4` is 16 bytes at an 8-byte aligned offset of the scratch value.
+        unsafe {
+            core::ptr::write_volatile(k, w[0]);
+            core::ptr::write_volatile(k.add(1), w[1]);
+        }
     }
     out.l4 = l4 as u64;
     out.payload = payload as u64;
