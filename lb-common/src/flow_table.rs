@@ -9,9 +9,9 @@
 //! Layout: a key hashes (with a per-table random seed, so that clients cannot aim at one
 //! bucket) to two candidate buckets and a 62-bit tag. A bucket is a lock word and `WAYS` tag
 //! words (two cache lines) followed by `WAYS` slots (key and `Flow`); a lookup compares the
-//! tags of both buckets and the key of a slot whose tag matches. A new entry goes to the emptier of its two buckets
-//! (the "power of two choices" keeps buckets even: with `buckets_for`'s two thirds load at a
-//! full table no bucket overflows in practice).
+//! tags of both buckets and the key of a slot whose tag matches. A new entry goes to the
+//! emptier of its two buckets (the "power of two choices" keeps buckets even: with
+//! `buckets_for`'s two thirds load at a full table no bucket overflows in practice).
 //!
 //! A tag word's low two bits are its slot's state (`EMPTY`, `PENDING`, `LIVE`); the other
 //! bits are the key's tag. An insert holds the lock of its key's first bucket (taken by a
