@@ -603,6 +603,11 @@ impl Dataplane {
                 .mark_closed(&FlowKey4::of(&pair.key), pair.fwd.flow_id)
     }
 
+    /// The IPv4 flow table, mapped.
+    pub fn flow_table4(&self) -> &FlowTable4 {
+        &self.flows4
+    }
+
     /// Removes both entries of a connection (IPv4: if they still belong to it).
     pub fn remove_flow(&mut self, pair: &FlowPair) -> anyhow::Result<()> {
         let peer = pair.fwd.peer_key(pair.key.proto, pair.key.af);

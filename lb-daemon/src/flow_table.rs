@@ -145,6 +145,18 @@ impl FlowTable4 {
         })
     }
 
+    /// Takes (`true`) or releases the insert lock of `key`'s first bucket, as an insert on
+    /// another CPU holds it: what the program does when it finds the lock taken can then be
+    /// tested on one CPU. Whether the lock changed.
+    pub fn set_insert_lock(&self, key: &FlowKey4, held: bool) -> bool {
+        let p = Place::of(key, self.seed, self.buckets);
+        // SAFETY: an aligned u64 inside the mapping, which the program changes only atomically.
+        let lock = unsafe { AtomicU64::from_ptr(&raw mut (*self.bucket(p.first)).lock) };
+        let (from, to) = if held { (0, 1) } else { (1, 0) };
+        lock.compare_exchange(from, to, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+    }
+
     /// Inserts an entry as the program would, without its guard against concurrent inserts of
     /// the same key (tests fill the table with it while no program runs).
     #[cfg(test)]

@@ -1222,6 +1222,49 @@ fn snat_ports_never_collide_and_exhaustion_is_refused_with_a_record() {
     });
 }
 
+/// An insert that finds its bucket's lock taken (another CPU inserting there at that instant)
+/// gives up whole: the SYN is dropped and counted, no entry and no record are left, and the
+/// client's retransmission opens the flow.
+#[test]
+fn a_syn_meeting_a_held_bucket_lock_is_dropped_whole_and_its_retransmission_opens() {
+    if !root("a_syn_meeting_a_held_bucket_lock_is_dropped_whole_and_its_retransmission_opens") {
+        return;
+    }
+    let ns = setup_ns();
+    ns.enter(|| {
+        let mut fx = fixture(vec![service(
+            "web",
+            Proto::Tcp,
+            "10.0.0.100:80",
+            &["10.0.2.2:8080"],
+        )]);
+        let (c, v) = (client("10.0.1.2", 40000), vip("10.0.0.100", 80));
+        let word = |ip: &str| lb_common::addr::to_words(ip.parse().unwrap()).0[0];
+        let key = lb_common::FlowKey4 {
+            src: word("10.0.1.2"),
+            dst: word("10.0.0.100"),
+            sport: 40000u16.to_be(),
+            dport: 80u16.to_be(),
+            proto: lb_common::PROTO_TCP,
+            ..Default::default()
+        };
+        assert!(fx.dp.flow_table4().set_insert_lock(&key, true));
+        assert_eq!(run(&mut fx, &packet::syn(c, v)).0, XDP_DROP);
+        assert_eq!(stat_of(&mut fx, stat::DROP_OPEN_RACE), 1);
+        assert!(
+            fx.dp.flow_table4().entries().is_empty(),
+            "no entry left behind, the reply entry reserved before included"
+        );
+        assert!(
+            events(&mut fx).is_empty(),
+            "no record for a flow that did not open"
+        );
+        assert!(fx.dp.flow_table4().set_insert_lock(&key, false));
+        open_tcp(&mut fx, c, v);
+        assert_eq!(fx.dp.flows().unwrap().len(), 1);
+    });
+}
+
 /// Opens a TCP flow from `c` to `v`; returns the SNAT port it got.
 fn open_tcp(fx: &mut Fixture, c: End, v: End) -> u16 {
     let (a, out) = run(fx, &packet::syn(c, v));
