@@ -124,6 +124,16 @@ fn fixture_sized(services: Vec<ServiceSpec>, maglev: u32) -> Fixture {
 }
 
 /// Service `web` (10.0.0.100:80 → 10.0.2.2:8080) with the SNAT ports 50000–50003 only.
+/// One TCP service, web (10.0.0.100:80), with one backend, 10.0.2.2:8080.
+fn web_fixture() -> Fixture {
+    fixture(vec![service(
+        "web",
+        Proto::Tcp,
+        "10.0.0.100:80",
+        &["10.0.2.2:8080"],
+    )])
+}
+
 fn web_with_four_snat_ports() -> Fixture {
     let mut st = settings(
         vec![service(
@@ -202,12 +212,7 @@ fn tcp_ipv4_flow_is_natted_and_tracked_through_close() {
     }
     let ns = setup_ns();
     ns.enter(|| {
-        let mut fx = fixture(vec![service(
-            "web",
-            Proto::Tcp,
-            "10.0.0.100:80",
-            &["10.0.2.2:8080"],
-        )]);
+        let mut fx = web_fixture();
         let (c, v) = (client("10.0.1.2", 33333), vip("10.0.0.100", 80));
         let backend = end("10.0.2.2", 8080, fx.mac);
 
@@ -364,12 +369,7 @@ fn tcp_bytes_count_each_sequence_number_once() {
     }
     let ns = setup_ns();
     ns.enter(|| {
-        let mut fx = fixture(vec![service(
-            "web",
-            Proto::Tcp,
-            "10.0.0.100:80",
-            &["10.0.2.2:8080"],
-        )]);
+        let mut fx = web_fixture();
         let (c, v) = (client("10.0.1.2", 33334), vip("10.0.0.100", 80));
         let backend = end("10.0.2.2", 8080, fx.mac);
         let data = [5u8; 300];
@@ -1232,12 +1232,7 @@ fn a_syn_meeting_a_held_bucket_lock_is_dropped_whole_and_its_retransmission_open
     }
     let ns = setup_ns();
     ns.enter(|| {
-        let mut fx = fixture(vec![service(
-            "web",
-            Proto::Tcp,
-            "10.0.0.100:80",
-            &["10.0.2.2:8080"],
-        )]);
+        let mut fx = web_fixture();
         let (c, v) = (client("10.0.1.2", 40000), vip("10.0.0.100", 80));
         let word = |ip: &str| lb_common::addr::to_words(ip.parse().unwrap()).0[0];
         let key = lb_common::FlowKey4 {
