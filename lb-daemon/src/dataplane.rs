@@ -39,6 +39,7 @@ use crate::{
     audit::Proto,
     balancer::{PlacedRule, PlacedService},
     flow_table::FlowTable4,
+    mapping::{Mapping, page_size},
 };
 
 /// The eBPF object built from `lb-ebpf` by the build script.
@@ -664,47 +665,19 @@ impl Dataplane {
 /// How far the daemon is behind the kernel: the ring buffer's producer position minus its
 /// consumer position, read from the two pages the kernel shares for them.
 pub struct RingBacklog {
-    consumer: *mut libc::c_void,
-    producer: *mut libc::c_void,
-    page: usize,
+    consumer: Mapping,
+    producer: Mapping,
 }
 
 impl RingBacklog {
-    /// Maps the position pages of the ring buffer `fd` (read-only).
+    /// Maps the position pages of the ring buffer `fd` (read-only): at the offsets the kernel
+    /// defines, the consumer page, then the producer page.
     pub fn new(fd: std::os::fd::BorrowedFd<'_>) -> anyhow::Result<Self> {
-        use std::os::fd::AsRawFd as _;
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
-        let map = |offset: usize| -> anyhow::Result<*mut libc::c_void> {
-            // SAFETY: a fresh shared read-only mapping of one page of a ring-buffer map fd, at
-            // the offsets the kernel defines (consumer page, then producer page).
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    page,
-                    libc::PROT_READ,
-                    libc::MAP_SHARED,
-                    fd.as_raw_fd(),
-                    offset as libc::off_t,
-                )
-            };
-            if p == libc::MAP_FAILED {
-                bail!(
-                    "mapping the ring buffer's positions: {}",
-                    std::io::Error::last_os_error()
-                );
-            }
-            Ok(p)
-        };
-        let consumer = map(0)?;
-        let producer = map(page).inspect_err(|_| {
-            // SAFETY: `consumer` was mapped above with this length.
-            unsafe { libc::munmap(consumer, page) };
-        })?;
+        let page = page_size();
+        let what = "the ring buffer's positions";
         Ok(Self {
-            consumer,
-            producer,
-            page,
+            consumer: Mapping::new(fd, 0, page, false, what)?,
+            producer: Mapping::new(fd, page, page, false, what)?,
         })
     }
 
@@ -714,21 +687,11 @@ impl RingBacklog {
         // each, which volatile reads observe.
         let (c, p) = unsafe {
             (
-                std::ptr::read_volatile(self.consumer.cast::<u64>()),
-                std::ptr::read_volatile(self.producer.cast::<u64>()),
+                std::ptr::read_volatile(self.consumer.ptr().cast::<u64>()),
+                std::ptr::read_volatile(self.producer.ptr().cast::<u64>()),
             )
         };
         p.saturating_sub(c)
-    }
-}
-
-impl Drop for RingBacklog {
-    fn drop(&mut self) {
-        // SAFETY: both were mapped in `new` with this length and are not used after this.
-        unsafe {
-            libc::munmap(self.consumer, self.page);
-            libc::munmap(self.producer, self.page);
-        }
     }
 }
 

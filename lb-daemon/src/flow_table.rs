@@ -4,21 +4,21 @@
 //! without a system call, and a removal cannot undo a slot the program has since reused.
 
 use std::{
-    os::fd::{AsRawFd as _, BorrowedFd},
+    os::fd::BorrowedFd,
     sync::atomic::{AtomicU64, Ordering, fence},
 };
 
-use anyhow::bail;
 use lb_common::{
     Flow, FlowKey4, flow_state,
     flow_table::{Bucket, EMPTY, LIVE, Place, STATE_MASK, Slot, WAYS, key_words},
 };
 
+use crate::mapping::{Mapping, page_size};
+
 /// `FLOWS4`, mapped into this process.
 pub struct FlowTable4 {
-    base: *mut Bucket,
+    mapping: Mapping,
     buckets: u32,
-    len: usize,
     seed: u64,
 }
 
@@ -29,31 +29,11 @@ unsafe impl Send for FlowTable4 {}
 impl FlowTable4 {
     /// Maps the array `fd`, of `buckets` buckets hashed with `seed`, read-write and shared.
     pub fn map(fd: BorrowedFd<'_>, buckets: u32, seed: u64) -> anyhow::Result<Self> {
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
-        let len = (buckets as usize * size_of::<Bucket>()).next_multiple_of(page);
-        // SAFETY: a fresh shared mapping of a BPF_F_MMAPABLE array's values, whose length is
-        // the kernel's (the values, rounded up to a page); nothing else is mapped there.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            bail!(
-                "mapping the IPv4 flow table: {}",
-                std::io::Error::last_os_error()
-            );
-        }
+        // A BPF_F_MMAPABLE array's values, rounded up to a page, from offset 0.
+        let len = (buckets as usize * size_of::<Bucket>()).next_multiple_of(page_size());
         Ok(Self {
-            base: p.cast(),
+            mapping: Mapping::new(fd, 0, len, true, "the IPv4 flow table")?,
             buckets,
-            len,
             seed,
         })
     }
@@ -62,7 +42,7 @@ impl FlowTable4 {
         debug_assert!(index < self.buckets);
         // SAFETY: `index` is below the bucket count (`Place` maps into it), so the bucket is
         // inside the mapping.
-        unsafe { self.base.add(index as usize) }
+        unsafe { self.mapping.ptr().cast::<Bucket>().add(index as usize) }
     }
 
     fn tag(&self, bucket: *mut Bucket, i: usize) -> &AtomicU64 {
@@ -182,12 +162,5 @@ impl FlowTable4 {
             }
         }
         false
-    }
-}
-
-impl Drop for FlowTable4 {
-    fn drop(&mut self) {
-        // SAFETY: mapped in `map` with this length, and not used after this.
-        unsafe { libc::munmap(self.base.cast(), self.len) };
     }
 }

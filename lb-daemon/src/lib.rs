@@ -33,6 +33,7 @@ pub mod flow_table;
 pub mod health;
 pub mod history;
 pub mod journal;
+mod mapping;
 pub mod metrics;
 pub mod neighbors;
 pub mod notify;

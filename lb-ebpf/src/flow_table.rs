@@ -90,14 +90,12 @@ fn holds(b: *mut Bucket, i: usize, words: &[u64; 2]) -> bool {
     }
 }
 
-/// Reads bucket `index`'s first tag line, so that, when the bucket is not in the caches, its
-/// miss overlaps the first candidate's instead of following it.
+/// Reads bucket `b`'s first tag line, so that, when the bucket is not in the caches, its miss
+/// overlaps the first candidate's instead of following it.
 #[inline(always)]
-fn touch(index: u32) {
-    if let Some(b) = FLOWS4.get_ptr(index) {
-        // SAFETY: an aligned tag word of a live array value.
-        unsafe { atomic::load(&raw const (*b).tags[0]) };
-    }
+fn touch(b: *const Bucket) {
+    // SAFETY: an aligned tag word of a live array value.
+    unsafe { atomic::load(&raw const (*b).tags[0]) };
 }
 
 /// The live entry of `key`: the first bucket's tags, then the second's (loading the second
@@ -106,7 +104,9 @@ fn touch(index: u32) {
 pub fn lookup(key: &FlowKey4) -> Option<*mut Flow> {
     let p = place(key)?;
     let words = key_words(key);
-    touch(p.second);
+    if let Some(b2) = FLOWS4.get_ptr(p.second) {
+        touch(b2);
+    }
     let (_, s) =
         find(p.first, p.tag | LIVE, &words).or_else(|| find(p.second, p.tag | LIVE, &words))?;
     // SAFETY: a slot of a live array value.
@@ -137,7 +137,7 @@ pub fn insert(key: &FlowKey4, flow: &Flow, replace: bool) -> i64 {
     let (Some(b1), Some(b2)) = (FLOWS4.get_ptr_mut(p.first), FLOWS4.get_ptr_mut(p.second)) else {
         return -E2BIG;
     };
-    touch(p.second);
+    touch(b2);
     // SAFETY: an aligned field of a live array value, changed only atomically.
     let lock = unsafe { &raw mut (*b1).lock };
     // SAFETY: as above.

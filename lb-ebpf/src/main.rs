@@ -221,6 +221,10 @@ pub struct Keys {
     flow4: FlowKey4,
 }
 
+// `store_key4` writes these keys as two u64 words.
+const _: () = assert!(core::mem::offset_of!(Keys, flow4) % 8 == 0);
+const _: () = assert!(core::mem::offset_of!(Packet, key4) % 8 == 0);
+
 #[map]
 static SCRATCH_KEYS: PerCpuArray<Keys> = PerCpuArray::with_max_entries(1, 0);
 
@@ -230,15 +234,32 @@ fn keys() -> Result<*mut Keys, ()> {
     SCRATCH_KEYS.get_ptr_mut(0).ok_or(())
 }
 
-/// `key`'s IPv4 key, built in this CPU's scratch (the map helpers copy it).
+/// `key`'s IPv4 key, built in this CPU's scratch (the flow table reads it from there).
 #[inline(always)]
 fn key4(key: &FlowKey) -> Option<&'static FlowKey4> {
     let k = keys().ok()?;
     // SAFETY: per-CPU scratch, this field used only by the flow-map helpers, one at a time.
     unsafe {
         let k4 = &raw mut (*k).flow4;
-        *k4 = FlowKey4::of(key);
+        store_key4(k4, key.src[0], key.dst[0], key.sport, key.dport, key.proto);
         Some(&*k4)
+    }
+}
+
+/// Stores an IPv4 flow key at `dst` as the two words the flow table hashes and compares,
+/// whole: its loads of them are then forwarded from these stores (narrower field stores would
+/// make each load wait for them to reach the cache).
+///
+/// # Safety
+/// `dst` must be valid for the store and 8-byte aligned.
+#[inline(always)]
+unsafe fn store_key4(dst: *mut FlowKey4, src: u32, daddr: u32, sport: u16, dport: u16, proto: u8) {
+    let w = lb_common::flow_table::words(src, daddr, sport, dport, proto);
+    let k = dst.cast::<u64>();
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        core::ptr::write_volatile(k, w[0]);
+        core::ptr::write_volatile(k.add(1), w[1]);
     }
 }
 
@@ -541,16 +562,8 @@ fn transport(
     out.key.af = af;
     out.key._pad = 0;
     if af == AF_INET {
-        // As the two words the flow table hashes and compares, stored whole: the lookup's
-        // loads of them are then forwarded from these stores (narrower field stores would
-        // make each load wait for them to reach the cache).
-        let w = lb_common::flow_table::words(src[0], dst[0], sport, dport, proto);
-        let k = (&raw mut out.key4).cast::<u64>();
-        // SAFETY: `key4` is 16 bytes at an 8-byte aligned offset of the scratch value.
-        unsafe {
-            core::ptr::write_volatile(k, w[0]);
-            core::ptr::write_volatile(k.add(1), w[1]);
-        }
+        // SAFETY: `key4` is at an 8-byte aligned offset of the scratch value.
+        unsafe { store_key4(&raw mut out.key4, src[0], dst[0], sport, dport, proto) };
     }
     out.l4 = l4 as u64;
     out.payload = payload as u64;
