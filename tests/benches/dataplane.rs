@@ -134,7 +134,13 @@ fn once(prog: &Xdp, frame: &[u8]) -> u32 {
 }
 
 /// Kernel-measured ns of one run of `prog` on `frame`; asserts the action.
-fn run_once(dp: &mut Dataplane, pass_program: bool, frame: &[u8], out: &mut [u8], want: u32) -> u128 {
+fn run_once(
+    dp: &mut Dataplane,
+    pass_program: bool,
+    frame: &[u8],
+    out: &mut [u8],
+    want: u32,
+) -> u128 {
     let prog = if pass_program {
         dp.pass_program()
     } else {

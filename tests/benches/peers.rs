@@ -31,9 +31,9 @@ use anyhow::{Context as _, Result, bail};
 use lb_tests::{
     Topology,
     bench::{
-        load::{self, Backend, ConnSpec, UdpSpec},
+        load::{self, Backend, ConnSpec, RawUdpSpec},
         peers::{self, AuditCheck, BACKEND_UDP_PORT, Peer},
-        stats::{CpuTimes, UdpCounters, median, parse_snmp_udp, percentile},
+        stats::{CpuTimes, median, parse_nft_counter, percentile},
         svg,
     },
     topology::layout,
@@ -161,8 +161,47 @@ fn proc_cpu_secs(pid: u32) -> Option<f64> {
     Some(ticks / hz)
 }
 
-fn snmp(ns: &lb_tests::Netns) -> Result<UdpCounters> {
-    parse_snmp_udp(&ns.try_exec(&["cat", "/proc/net/snmp"])?)
+/// The MAC address of `iface` in `ns`.
+fn mac(ns: &lb_tests::Netns, iface: &str) -> Result<[u8; 6]> {
+    let text = ns.try_exec(&["cat", &format!("/sys/class/net/{iface}/address")])?;
+    let bytes: Vec<u8> = text
+        .trim()
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("MAC address of {iface}: {text:?}"))?;
+    bytes
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("MAC address of {iface}: {text:?}"))
+}
+
+/// The ingress filter on a backend's `eth0` that counts and drops the UDP blast: installed
+/// (`install`, returns 0), or read and removed (returns the datagrams it counted).
+fn udp_counter(ns: &lb_tests::Netns, install: bool) -> Result<u64> {
+    const TABLE: &str = "lbbench";
+    if install {
+        // One left by an interrupted round would count too.
+        let _ = ns.try_exec(&["nft", "delete", "table", "netdev", TABLE]);
+        ns.try_exec(&["nft", "add", "table", "netdev", TABLE])?;
+        ns.try_exec(&[
+            "nft",
+            "add",
+            "chain",
+            "netdev",
+            TABLE,
+            "blast",
+            "{ type filter hook ingress device eth0 priority 0 ; }",
+        ])?;
+        let port = BACKEND_UDP_PORT.to_string();
+        ns.try_exec(&[
+            "nft", "add", "rule", "netdev", TABLE, "blast", "udp", "dport", &port, "counter",
+            "drop",
+        ])?;
+        return Ok(0);
+    }
+    let listed = ns.try_exec(&["nft", "list", "chain", "netdev", TABLE, "blast"]);
+    ns.try_exec(&["nft", "delete", "table", "netdev", TABLE])?;
+    parse_nft_counter(&listed?)
 }
 
 fn measure(
@@ -236,27 +275,39 @@ fn measure(
     let bulk = load::run_bulk(&client, peer.tcp_targets()[0], secs, 64 << 30)?;
     std::thread::sleep(Duration::from_millis(300));
 
-    // 4. UDP datagrams, as fast as the blaster goes; counted where they arrive.
+    // 4. UDP datagrams of a few flows, as fast as the raw blaster goes, counted where they
+    // arrive: an ingress filter on each backend's interface counts and drops them, so that
+    // neither the sender's nor the backends' UDP sockets are what limits the rate.
     let (mut udp_pps, mut udp_sent_pps) = (f64::NAN, f64::NAN);
     if peer.udp() {
-        let bns = [topo.ns(layout::BACKEND1), topo.ns(layout::BACKEND2)];
-        let before = [snmp(bns[0])?, snmp(bns[1])?];
-        let u = load::run_udp(
+        let flows = load::open_udp_flows(
             &client,
-            &UdpSpec {
-                targets: peer.udp_targets(),
-                threads: o.udp_threads,
-                sockets_per_thread: o.udp_sockets,
-                payload: 64,
-                max_packets: 500_000_000,
-                duration: secs,
-            },
+            &peer.udp_targets(),
+            o.udp_threads * o.udp_sockets,
+            64,
         )?;
         std::thread::sleep(Duration::from_millis(300));
-        let after = [snmp(bns[0])?, snmp(bns[1])?];
-        let arrived: u64 = (0..2)
-            .map(|i| after[i].arrived().saturating_sub(before[i].arrived()))
-            .sum();
+        let bns = [topo.ns(layout::BACKEND1), topo.ns(layout::BACKEND2)];
+        for ns in bns {
+            udp_counter(ns, true)?;
+        }
+        let blast = load::run_raw_udp(
+            &client,
+            &RawUdpSpec {
+                iface: "eth0".into(),
+                src_mac: mac(topo.ns(layout::CLIENT), "eth0")?,
+                dst_mac: mac(topo.ns(layout::LB), layout::LB_IFACES[0])?,
+                flows,
+                threads: o.udp_threads,
+                payload: 64,
+                duration: secs,
+            },
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let counted = [udp_counter(bns[0], false), udp_counter(bns[1], false)];
+        let u = blast?;
+        let arrived = counted[0].as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?
+            + counted[1].as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
         udp_pps = arrived as f64 / u.elapsed.as_secs_f64();
         udp_sent_pps = u.sent as f64 / u.elapsed.as_secs_f64();
     }

@@ -447,44 +447,97 @@ pub fn run_bulk(
     })
 }
 
-/// A UDP blaster: `threads` threads, each with `sockets_per_thread` connected sockets (one
-/// flow each), sending batches of small datagrams with `sendmmsg`, as fast as it goes.
-#[derive(Clone, Debug)]
-pub struct UdpSpec {
-    pub targets: Vec<SocketAddr>,
-    pub threads: usize,
-    pub sockets_per_thread: usize,
-    pub payload: usize,
-    pub max_packets: u64,
-    pub duration: Duration,
-}
-
 #[derive(Clone, Copy, Debug, Default)]
 pub struct UdpStats {
-    /// Datagrams the sockets accepted (sent or dropped further on).
+    /// Datagrams the interface took (forwarded or dropped further on).
     pub sent: u64,
     pub elapsed: Duration,
-    /// Flows (sockets) used.
+    /// Flows used.
     pub flows: usize,
 }
 
+/// Opens `flows` UDP flows from namespace `ns` (one socket each, to the targets in turn), with
+/// a few datagrams each so that every balancer on the way has set each flow up and the
+/// backends have seen it. Returns each flow's (source, destination).
+pub fn open_udp_flows(
+    ns: &str,
+    targets: &[SocketAddr],
+    flows: usize,
+    payload: usize,
+) -> Result<Vec<(SocketAddr, SocketAddr)>> {
+    in_netns(ns, || {
+        let data = vec![b'u'; payload.max(1)];
+        let mut out = Vec::new();
+        let mut socks = Vec::new();
+        for j in 0..flows {
+            let target = targets[j % targets.len()];
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            s.connect(target)?;
+            for _ in 0..3 {
+                s.send(&data)?;
+            }
+            out.push((s.local_addr()?, target));
+            // Kept until all are open, so that no two flows share a source port.
+            socks.push(s);
+        }
+        Ok(out)
+    })
+}
+
+/// A raw UDP blaster: prebuilt Ethernet frames of known flows, sent on one interface by
+/// `threads` threads with `sendmmsg` on packet sockets that bypass the queueing discipline, as
+/// fast as it goes. Per datagram it costs far less than a UDP socket (no socket layer, route or
+/// neighbour lookup), so that the path under test rather than the sender is the limit.
+#[derive(Clone, Debug)]
+pub struct RawUdpSpec {
+    pub iface: String,
+    pub src_mac: [u8; 6],
+    /// The next hop's address.
+    pub dst_mac: [u8; 6],
+    /// (source, destination) of each flow, IPv4.
+    pub flows: Vec<(SocketAddr, SocketAddr)>,
+    pub threads: usize,
+    pub payload: usize,
+    pub duration: Duration,
+}
+
 /// Blasts from namespace `ns` as `spec` says.
-pub fn run_udp(ns: &str, spec: &UdpSpec) -> Result<UdpStats> {
-    let barrier = Arc::new(Barrier::new(spec.threads + 1));
+pub fn run_raw_udp(ns: &str, spec: &RawUdpSpec) -> Result<UdpStats> {
+    let threads = spec.threads.max(1);
+    let barrier = Arc::new(Barrier::new(threads + 1));
     let mut handles = Vec::new();
-    for k in 0..spec.threads {
+    for k in 0..threads {
         let spec = spec.clone();
         let barrier = barrier.clone();
         handles.push(spawn_in_netns(ns, move || -> Result<u64> {
-            let mut socks = Vec::new();
-            for j in 0..spec.sockets_per_thread {
-                let target = spec.targets[(k * spec.sockets_per_thread + j) % spec.targets.len()];
-                let s = UdpSocket::bind("0.0.0.0:0")?;
-                s.connect(target)?;
-                socks.push(s);
-            }
+            let frames: Vec<Vec<u8>> = spec
+                .flows
+                .iter()
+                .skip(k)
+                .step_by(threads)
+                .map(|&(src, dst)| {
+                    crate::packet::frame(
+                        crate::packet::End {
+                            mac: spec.src_mac,
+                            ip: src.ip(),
+                            port: src.port(),
+                        },
+                        crate::packet::End {
+                            mac: spec.dst_mac,
+                            ip: dst.ip(),
+                            port: dst.port(),
+                        },
+                        crate::packet::L4::Udp,
+                        &vec![b'u'; spec.payload.max(1)],
+                    )
+                })
+                .collect();
+            let sock = PacketSocket::open(&spec.iface)?;
             barrier.wait();
-            Ok(blast(&socks, &spec))
+            if frames.is_empty() {
+                return Ok(0);
+            }
+            Ok(sock.blast(&frames, spec.duration))
         }));
     }
     barrier.wait();
@@ -498,38 +551,96 @@ pub fn run_udp(ns: &str, spec: &UdpSpec) -> Result<UdpStats> {
     Ok(UdpStats {
         sent,
         elapsed: t0.elapsed(),
-        flows: spec.threads * spec.sockets_per_thread,
+        flows: spec.flows.len(),
     })
 }
 
-fn blast(socks: &[UdpSocket], spec: &UdpSpec) -> u64 {
-    const BATCH: usize = 32;
-    let deadline = Instant::now() + spec.duration;
-    let quota = spec.max_packets / spec.threads.max(1) as u64;
-    let mut payload = vec![b'u'; spec.payload.max(1)];
-    let mut iov = libc::iovec {
-        iov_base: payload.as_mut_ptr().cast(),
-        iov_len: payload.len(),
-    };
-    // SAFETY: a zeroed mmsghdr is a valid empty header; each points to the one iovec, which
-    // outlives the calls below.
-    let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; BATCH];
-    for m in &mut msgs {
-        m.msg_hdr.msg_iov = &mut iov;
-        m.msg_hdr.msg_iovlen = 1;
-    }
-    let mut sent = 0u64;
-    let mut round = 0u64;
-    while sent < quota {
-        if round.is_multiple_of(16) && Instant::now() >= deadline {
-            break;
+/// An `AF_PACKET` socket bound to one interface, for sending whole frames.
+struct PacketSocket(std::os::fd::OwnedFd);
+
+impl PacketSocket {
+    fn open(iface: &str) -> Result<PacketSocket> {
+        let name = std::ffi::CString::new(iface)?;
+        // SAFETY: a NUL-terminated name.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        if ifindex == 0 {
+            bail!("no interface {iface}: {}", std::io::Error::last_os_error());
         }
-        round += 1;
-        for s in socks {
-            // SAFETY: see above; the socket is connected, so no address is needed.
+        // Protocol 0: a socket that sends and receives nothing.
+        // SAFETY: plain socket call.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+        if fd < 0 {
+            bail!("packet socket: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: a new descriptor, owned from here on.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // SAFETY: a zeroed sockaddr_ll is valid; the fields that matter are set.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_ifindex = ifindex as i32;
+        // SAFETY: `sll` is a sockaddr_ll of the size given.
+        if unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&raw const sll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        } < 0
+        {
+            bail!(
+                "binding a packet socket to {iface}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        let one: libc::c_int = 1;
+        // SAFETY: an int option of the size given.
+        if unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_QDISC_BYPASS,
+                (&raw const one).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+        } < 0
+        {
+            bail!("PACKET_QDISC_BYPASS: {}", std::io::Error::last_os_error());
+        }
+        Ok(PacketSocket(fd))
+    }
+
+    /// Sends `frames` round and round until `duration` is over; returns the frames the
+    /// interface took.
+    fn blast(&self, frames: &[Vec<u8>], duration: Duration) -> u64 {
+        const BATCH: usize = 64;
+        let deadline = Instant::now() + duration;
+        let mut iovs: Vec<libc::iovec> = (0..BATCH)
+            .map(|i| {
+                let f = &frames[i % frames.len()];
+                libc::iovec {
+                    iov_base: f.as_ptr() as *mut libc::c_void,
+                    iov_len: f.len(),
+                }
+            })
+            .collect();
+        // SAFETY: a zeroed mmsghdr is a valid empty header; each points to its iovec, which
+        // outlives the calls below (the socket is bound, so no address is needed).
+        let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; BATCH];
+        for (m, iov) in msgs.iter_mut().zip(iovs.iter_mut()) {
+            m.msg_hdr.msg_iov = iov;
+            m.msg_hdr.msg_iovlen = 1;
+        }
+        let mut sent = 0u64;
+        let mut round = 0u64;
+        loop {
+            if round.is_multiple_of(16) && Instant::now() >= deadline {
+                break;
+            }
+            round += 1;
+            // SAFETY: see above; the frames are only read.
             let n = unsafe {
                 libc::sendmmsg(
-                    s.as_raw_fd(),
+                    self.0.as_raw_fd(),
                     msgs.as_mut_ptr(),
                     BATCH as u32,
                     libc::MSG_DONTWAIT,
@@ -539,6 +650,6 @@ fn blast(socks: &[UdpSocket], spec: &UdpSpec) -> u64 {
                 sent += n as u64;
             }
         }
+        sent
     }
-    sent
 }

@@ -109,15 +109,17 @@ impl Peer {
         }
     }
 
-    /// What it needs installed, as (program, Debian package); empty when nothing.
+    /// What it needs installed, as (program, Debian package); empty when nothing. The UDP
+    /// phase counts arrivals at the backends with an nftables rule.
     pub fn needs(self) -> &'static [(&'static str, &'static str)] {
+        const NFT: (&str, &str) = ("nft", "nftables");
         match self {
-            Peer::Direct | Peer::Lb => &[],
-            Peer::Nft => &[("nft", "nftables")],
+            Peer::Direct | Peer::Lb | Peer::Nft => &[NFT],
             Peer::Haproxy => &[("haproxy", "haproxy")],
             Peer::Nginx => &[
                 ("nginx", "nginx-light"),
                 (NGINX_STREAM, "libnginx-mod-stream"),
+                NFT,
             ],
         }
     }

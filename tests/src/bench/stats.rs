@@ -99,39 +99,13 @@ pub fn parse_proc_stat(text: &str) -> Result<CpuTimes> {
     })
 }
 
-/// Counters of the UDP stack of one namespace (`/proc/net/snmp`).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct UdpCounters {
-    pub in_datagrams: u64,
-    pub rcvbuf_errors: u64,
-    pub no_ports: u64,
-}
-
-impl UdpCounters {
-    /// Datagrams that reached the UDP stack (delivered or dropped for a full socket buffer).
-    pub fn arrived(&self) -> u64 {
-        self.in_datagrams + self.rcvbuf_errors
-    }
-}
-
-/// Parses the `Udp:` header and value lines of `/proc/net/snmp`.
-pub fn parse_snmp_udp(text: &str) -> Result<UdpCounters> {
-    let mut lines = text.lines().filter(|l| l.starts_with("Udp:"));
-    let (Some(head), Some(vals)) = (lines.next(), lines.next()) else {
-        return Err(anyhow!("no Udp: lines in /proc/net/snmp"));
-    };
-    let get = |name: &str| -> u64 {
-        head.split_whitespace()
-            .position(|h| h == name)
-            .and_then(|i| vals.split_whitespace().nth(i))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    Ok(UdpCounters {
-        in_datagrams: get("InDatagrams"),
-        rcvbuf_errors: get("RcvbufErrors"),
-        no_ports: get("NoPorts"),
-    })
+/// The packet count of the (first) `counter` in `nft list` output.
+pub fn parse_nft_counter(text: &str) -> Result<u64> {
+    text.split("counter packets ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| anyhow!("no counter in {text:?}"))
 }
 
 #[cfg(test)]
@@ -151,13 +125,12 @@ mod tests {
     }
 
     #[test]
-    fn proc_stat_and_snmp() {
+    fn proc_stat_and_nft_counters() {
         let s = "cpu  10 1 5 100 2 3 4 7 0 0\ncpu0 1 1 1 1 1 1 1 1 0 0\n";
         let c = parse_proc_stat(s).unwrap();
         assert_eq!((c.busy, c.idle, c.steal), (23, 102, 7));
-        let snmp = "Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\nUdp: 10 2 0 5 7 0\n";
-        let u = parse_snmp_udp(snmp).unwrap();
-        assert_eq!((u.in_datagrams, u.no_ports, u.rcvbuf_errors), (10, 2, 7));
-        assert_eq!(u.arrived(), 17);
+        let nft = "table netdev lbbench {\n\tchain blast {\n\t\ttype filter hook ingress device \"eth0\" priority filter; policy accept;\n\t\tudp dport 5353 counter packets 1234 bytes 130804 drop\n\t}\n}\n";
+        assert_eq!(parse_nft_counter(nft).unwrap(), 1234);
+        assert!(parse_nft_counter("table netdev lbbench {}").is_err());
     }
 }
