@@ -5,7 +5,7 @@ use std::{
     collections::HashMap,
     future::Future,
     net::IpAddr,
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, anyhow};
@@ -160,6 +160,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
         since: SystemTime::now(),
     };
     let mut blocks = crate::blocks::Blocks::default();
+    let mut closed_here = ClosedHere::default();
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
     let mut neigh = tokio::time::interval(NEIGHBOR_REFRESH);
     neigh.tick().await; // the first tick is immediate; neighbours were just primed
@@ -172,13 +173,13 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
             // synced together.
             guard = ring.readable_mut(), if audit.commit_due().is_none() => {
                 let mut guard = guard?;
-                drain(guard.get_inner_mut(), &mut audit, &names);
+                drain(guard.get_inner_mut(), &mut audit, &names, &mut closed_here);
                 guard.clear_ready();
                 audit.sync_soon();
                 audit.apply(&mut dp)?;
             }
             () = commit_at(audit.commit_due()) => {
-                drain(ring.get_mut(), &mut audit, &names);
+                drain(ring.get_mut(), &mut audit, &names, &mut closed_here);
                 audit.sync();
                 audit.apply(&mut dp)?;
                 if let Some(length) = settings.alerts.block {
@@ -187,7 +188,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
             }
             _ = sweep.tick() => {
                 audit.retry();
-                sweep_flows(&mut dp, &mut audit, &names, &settings)?;
+                sweep_flows(&mut dp, &mut audit, &names, &settings, &mut closed_here)?;
                 report_drained(&mut dp, &services, &mut audit, &mut control_state)?;
                 record_kernel_loss(&mut dp, &mut audit, &mut loss_seen)?;
                 blocks.expire(&mut services, &mut dp)?;
@@ -227,7 +228,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
             // The program keeps forwarding on the pinned maps; the next daemon adopts the
             // flows and writes their records, from the ring buffer's unread ones on.
             notify::notify("STOPPING=1\nSTATUS=leaving the data plane running");
-            drain(ring.get_mut(), &mut audit, &names);
+            drain(ring.get_mut(), &mut audit, &names, &mut closed_here);
             record_kernel_loss(&mut dp, &mut audit, &mut loss_seen)?;
             let open = dp
                 .flows()?
@@ -244,7 +245,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
             notify::notify("STOPPING=1\nSTATUS=writing the records of open flows");
             dp.detach_all()?;
             // Records the program pushed before it was detached come first.
-            drain(ring.get_mut(), &mut audit, &names);
+            drain(ring.get_mut(), &mut audit, &names, &mut closed_here);
             let clock = Clock::now();
             let mut closed = 0;
             for pair in dp.flows()? {
@@ -581,7 +582,12 @@ async fn commit_at(due: Option<std::time::Instant>) {
 }
 
 /// Moves every pending kernel record into the audit log.
-fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, audit: &mut Journal, names: &Names) {
+fn drain(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    audit: &mut Journal,
+    names: &Names,
+    closed_here: &mut ClosedHere,
+) {
     let clock = Clock::now();
     while let Some(item) = ring.next() {
         let Some(ev) = dataplane::decode_event(&item) else {
@@ -591,6 +597,9 @@ fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, audit: &mut Journal,
             );
             continue;
         };
+        if ev.kind == event_kind::CONN_CLOSE && closed_here.take(ev.flow_id) {
+            continue;
+        }
         if let Some(event) = conn_event(&ev, names) {
             audit.record(clock.to_system(ev.ts_ns), event);
         }
@@ -605,8 +614,10 @@ fn sweep_flows(
     audit: &mut Journal,
     names: &Names,
     settings: &Settings,
+    closed_here: &mut ClosedHere,
 ) -> anyhow::Result<()> {
     let clock = Clock::now();
+    closed_here.expire(Instant::now());
     let linger = settings.closed_linger.as_nanos() as u64;
     let mut remaining = 0usize;
     let mut open = Vec::new();
@@ -624,7 +635,15 @@ fn sweep_flows(
                 remaining += 1;
             }
         } else if quiet > idle.as_nanos() as u64 {
-            close_in_user_space(dp, audit, names, &pair, close_reason::IDLE_TIMEOUT, &clock)?;
+            close_in_user_space(
+                dp,
+                audit,
+                names,
+                closed_here,
+                &pair,
+                close_reason::IDLE_TIMEOUT,
+                &clock,
+            )?;
         } else {
             open.push(pair);
         }
@@ -641,7 +660,15 @@ fn sweep_flows(
             "conntrack table above 95%: evicting the least recently active flows"
         );
         for pair in &open[..evict] {
-            close_in_user_space(dp, audit, names, pair, close_reason::EVICTED, &clock)?;
+            close_in_user_space(
+                dp,
+                audit,
+                names,
+                closed_here,
+                pair,
+                close_reason::EVICTED,
+                &clock,
+            )?;
         }
     }
     Ok(())
@@ -652,6 +679,7 @@ fn close_in_user_space(
     dp: &mut Dataplane,
     audit: &mut Journal,
     names: &Names,
+    closed_here: &mut ClosedHere,
     pair: &FlowPair,
     reason: u8,
     clock: &Clock,
@@ -662,9 +690,42 @@ fn close_in_user_space(
     let ours = dp.close_flow(pair);
     dp.remove_flow(pair)?;
     if ours {
+        if pair.key.af != lb_common::AF_INET {
+            closed_here.insert(pair.fwd.flow_id, Instant::now());
+        }
         record_close(audit, names, pair, reason, clock);
     }
     Ok(())
+}
+
+/// IPv6 flows the daemon closed itself (idle, evicted), for a while. `FLOWS6` is a kernel hash
+/// map, whose values user space cannot change atomically: between the sweep's read of a flow
+/// and its removal, the program may see the flow's FIN or RST, close it too and push a
+/// `conn_close` of its own, which `drain` then drops, so that the flow still has exactly one.
+/// (IPv4 flows are closed with a compare-and-swap in the table, so only one side closes.)
+#[derive(Default)]
+struct ClosedHere {
+    since: HashMap<u64, Instant>,
+}
+
+impl ClosedHere {
+    /// Far longer than a record of the program waits in the ring buffer for the daemon.
+    const KEEP: Duration = Duration::from_secs(60);
+
+    fn insert(&mut self, flow_id: u64, now: Instant) {
+        self.since.insert(flow_id, now);
+    }
+
+    /// Whether flow `flow_id` was closed here (a close record of the program's is then the
+    /// second one); forgets it.
+    fn take(&mut self, flow_id: u64) -> bool {
+        self.since.remove(&flow_id).is_some()
+    }
+
+    fn expire(&mut self, now: Instant) {
+        self.since
+            .retain(|_, at| now.saturating_duration_since(*at) < Self::KEEP);
+    }
 }
 
 fn record_close(audit: &mut Journal, names: &Names, pair: &FlowPair, reason: u8, clock: &Clock) {
@@ -818,4 +879,30 @@ pub(crate) fn clock_ns(clock: libc::clockid_t) -> u64 {
     // SAFETY: `ts` is a valid, writable timespec; both clocks exist on every supported kernel.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A kernel close of a flow the daemon closed itself is recognised once, and only for
+    /// that flow and for a while.
+    #[test]
+    fn a_flow_closed_here_is_recognised_once() {
+        let t0 = Instant::now();
+        let mut closed = ClosedHere::default();
+        closed.insert(7, t0);
+        closed.insert(9, t0);
+        assert!(!closed.take(8), "a flow not closed here");
+        assert!(closed.take(7));
+        assert!(
+            !closed.take(7),
+            "a third close is not expected and not dropped"
+        );
+        closed.expire(t0 + ClosedHere::KEEP / 2);
+        closed.insert(11, t0 + ClosedHere::KEEP / 2);
+        closed.expire(t0 + ClosedHere::KEEP);
+        assert!(!closed.take(9), "forgotten after KEEP");
+        assert!(closed.take(11), "kept until its own KEEP is over");
+    }
 }

@@ -617,10 +617,23 @@ impl Dataplane {
             self.flows4.remove(&FlowKey4::of(&pair.key), id);
             self.flows4.remove(&FlowKey4::of(&peer), id);
         } else {
-            let mut map: HashMap<&mut MapData, FlowKey, Flow> =
-                HashMap::try_from(self.map(maps::FLOWS6)?)?;
-            let _ = map.remove(&pair.key);
-            let _ = map.remove(&peer);
+            use std::os::fd::AsFd as _;
+            let aya::maps::Map::HashMap(data) = self.map(maps::FLOWS6)? else {
+                bail!("map {} is not a hash map", maps::FLOWS6);
+            };
+            let fd = data.fd().as_fd();
+            for key in [pair.key, peer] {
+                // Removed, then put back if it turns out to be another flow's: the program
+                // reopened the 5-tuple (or reused the SNAT port) since the entry was read.
+                let mut flow = Flow::default();
+                if map_elem(fd, MapElemOp::LookupAndDelete, &key, &mut flow)
+                    .map_err(|e| anyhow!("removing a flow entry: {e}"))?
+                    && flow.flow_id != pair.fwd.flow_id
+                {
+                    // Fails only if the program has inserted the key again meanwhile.
+                    let _ = map_elem(fd, MapElemOp::InsertNew, &key, &mut flow);
+                }
+            }
         }
         Ok(())
     }
@@ -760,6 +773,68 @@ fn lookup_batch<K: aya::Pod + Default, V: aya::Pod + Default>(
         }
         token = next;
         first = false;
+    }
+}
+
+/// A one-element hash-map operation `map_elem` makes.
+#[derive(Clone, Copy)]
+enum MapElemOp {
+    /// Removes the key and reads the value it had, in one step.
+    LookupAndDelete,
+    /// Inserts the value unless the key is there.
+    InsertNew,
+}
+
+/// Applies `op` to `key` of the hash map `fd` (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`, or
+/// `BPF_MAP_UPDATE_ELEM` with `BPF_NOEXIST`), with `value` read or written; `false` when the
+/// key was not there (`LookupAndDelete`) or already was (`InsertNew`).
+fn map_elem<K: aya::Pod, V: aya::Pod>(
+    fd: std::os::fd::BorrowedFd<'_>,
+    op: MapElemOp,
+    key: &K,
+    value: &mut V,
+) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd as _;
+    /// The element member of `union bpf_attr`.
+    #[repr(C)]
+    struct ElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+    const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+    const BPF_NOEXIST: u64 = 1;
+    let (cmd, flags, absent) = match op {
+        MapElemOp::LookupAndDelete => (BPF_MAP_LOOKUP_AND_DELETE_ELEM, 0, libc::ENOENT),
+        MapElemOp::InsertNew => (BPF_MAP_UPDATE_ELEM, BPF_NOEXIST, libc::EEXIST),
+    };
+    let mut attr = ElemAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        _pad: 0,
+        key: (key as *const K) as u64,
+        value: (value as *mut V) as u64,
+        flags,
+    };
+    // SAFETY: `attr` is a valid element attribute; `key` and `value` are of the map's key and
+    // value types (plain data: any bytes the kernel writes are a valid value) and outlive the
+    // call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            &raw mut attr,
+            std::mem::size_of::<ElemAttr>(),
+        )
+    };
+    if rc == 0 {
+        return Ok(true);
+    }
+    match std::io::Error::last_os_error() {
+        e if e.raw_os_error() == Some(absent) => Ok(false),
+        e => Err(e),
     }
 }
 
@@ -1003,6 +1078,66 @@ pub fn socket_addr(words: [u32; 4], af: u8, port_be: u16) -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An IPv6 connection is removed only while its entries are still its own: an entry that
+    /// a new flow has taken (the 5-tuple reopened) stays (loading a program needs root).
+    #[test]
+    fn ipv6_entries_of_another_flow_are_not_removed() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 || EBPF_OBJECT.is_empty() {
+            eprintln!(
+                "SKIPPED ipv6_entries_of_another_flow_are_not_removed: needs root and the eBPF object"
+            );
+            return;
+        }
+        let mut dp = Dataplane::load(lb_common::MAGLEV_TABLE_SIZE, 1024).unwrap();
+        let key = FlowKey {
+            src: [0xfd00_0000, 0, 0, 1],
+            dst: [0xfd00_0000, 0, 0, 0x100],
+            sport: 40000u16.to_be(),
+            dport: 80u16.to_be(),
+            proto: lb_common::PROTO_TCP,
+            af: lb_common::AF_INET6,
+            ..FlowKey::default()
+        };
+        let fwd = |id: u64| Flow {
+            flow_id: id,
+            dir: flow_dir::FORWARD,
+            nat_src: [0xfd00_0002, 0, 0, 1],
+            nat_dst: [0xfd00_0002, 0, 0, 2],
+            nat_sport: 1024u16.to_be(),
+            nat_dport: 8080u16.to_be(),
+            ..Flow::default()
+        };
+        let write = |dp: &mut Dataplane, id: u64| {
+            let mut map: HashMap<&mut MapData, FlowKey, Flow> =
+                HashMap::try_from(dp.map(maps::FLOWS6).unwrap()).unwrap();
+            let f = fwd(id);
+            let reply = Flow {
+                flow_id: id,
+                dir: flow_dir::REPLY,
+                ..Flow::default()
+            };
+            map.insert(key, f, 0).unwrap();
+            map.insert(f.peer_key(key.proto, key.af), reply, 0).unwrap();
+        };
+        write(&mut dp, 1);
+        let old = dp.flows().unwrap();
+        assert_eq!(old.len(), 1);
+        assert!(old[0].rev.is_some(), "both directions read");
+        // The program reopens the 5-tuple (same SNAT port: the same reply key) as flow 2.
+        write(&mut dp, 2);
+        dp.remove_flow(&old[0]).unwrap();
+        let now = dp.flows().unwrap();
+        assert_eq!(now.len(), 1, "flow 2 is still there");
+        assert_eq!(now[0].fwd.flow_id, 2);
+        assert_eq!(now[0].rev.map(|r| r.flow_id), Some(2));
+        dp.remove_flow(&now[0]).unwrap();
+        assert!(
+            dp.flows().unwrap().is_empty(),
+            "its own entries are removed"
+        );
+    }
 
     /// The table's reader sees exactly its entries, and pairs them (loading a program needs
     /// root).
