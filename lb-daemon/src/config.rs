@@ -153,9 +153,10 @@ pub struct Args {
     #[arg(long = "audit-checkpoint-interval", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub audit_checkpoint_interval: Duration,
 
-    /// With `--audit-fsync always`: connection records are written at once and made durable
-    /// together at most this long after the first of them (group commit); `0s` syncs every
-    /// batch. Configuration changes and refused requests are always durable before the reply.
+    /// With `--audit-fsync always`: connection records are written and made durable together
+    /// at most this long after the first of them (group commit; meanwhile they wait in the
+    /// kernel's ring buffer); `0s` syncs at every wake-up. Configuration changes and refused
+    /// requests are always durable before the reply.
     #[arg(long = "audit-commit-window", value_name = "DURATION", default_value = "10ms", value_parser = parse_commit_window)]
     pub audit_commit_window: Duration,
 

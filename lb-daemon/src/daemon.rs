@@ -167,20 +167,22 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            // Group commit (--audit-commit-window): the records of a wake-up are written at
-            // once; until they are made durable, the ring buffer is left alone (the kernel does
-            // not wake a consumer that has not caught up), then drained again and everything
-            // synced together.
+            // Group commit (--audit-commit-window): the first record of a window wakes the
+            // daemon, which then leaves the ring buffer alone (the kernel does not wake a
+            // consumer that has not caught up) until the window ends; then everything queued is
+            // drained, written and made durable together. Without a window, at once.
             guard = ring.readable_mut(), if audit.commit_due().is_none() => {
                 let mut guard = guard?;
-                drain(guard.get_inner_mut(), &mut audit, &names, &mut closed_here);
+                if !audit.start_commit_window() {
+                    drain(guard.get_inner_mut(), &mut audit, &names, &mut closed_here);
+                    audit.sync();
+                }
                 guard.clear_ready();
-                audit.sync_soon();
                 audit.apply(&mut dp)?;
             }
             () = commit_at(audit.commit_due()) => {
                 drain(ring.get_mut(), &mut audit, &names, &mut closed_here);
-                audit.sync();
+                audit.commit();
                 audit.apply(&mut dp)?;
                 if let Some(length) = settings.alerts.block {
                     blocks.add(audit.take_blocks(), length, &mut services, &mut names, &mut dp)?;
@@ -261,6 +263,8 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
             "signal".to_string()
         }
     };
+    // The alerts of the records drained last, and everything durable, before the stop.
+    audit.commit();
     audit.record(SystemTime::now(), Event::DaemonStop(DaemonStop { reason }));
     audit.close()?;
     // The exporters send what is in the log, then stop.

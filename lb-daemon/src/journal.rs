@@ -21,10 +21,11 @@ use crate::{
     dataplane::Dataplane,
 };
 
-/// Group commit (`--audit-commit-window`, this by default): with `--audit-fsync always`,
-/// records drained from the kernel are written out at once (`sync_soon`) and made durable by
-/// one fdatasync at most this long after the first of them, together with whatever else
-/// arrived in the meantime. Records someone waits on (a configuration change before its reply)
+/// Group commit (`--audit-commit-window`, this by default): with `--audit-fsync always`, the
+/// records the kernel queues are drained, written and made durable by one fdatasync at most
+/// this long after the first of them, together with whatever else arrived in the meantime
+/// (`start_commit_window`); until then they wait in the ring buffer, which outlives a crash of
+/// the daemon. Records someone waits on (a configuration change before its reply)
 /// are made durable at once (`sync`), and take any pending ones with them.
 pub const DEFAULT_COMMIT_WINDOW: Duration = Duration::from_millis(10);
 
@@ -66,7 +67,8 @@ pub struct Journal {
     /// What was recorded, for the metrics.
     pub totals: crate::metrics::Totals,
     alerts: crate::alerts::Engine,
-    /// When the records written by `sync_soon` and not yet durable must be synced.
+    /// When the open commit window ends: the records queued meanwhile are then written and
+    /// synced.
     commit_due: Option<Instant>,
 }
 
@@ -121,7 +123,6 @@ impl Journal {
     /// records since the last sync raised into `alert` records, log lines and `--alert-exec`.
     pub fn sync(&mut self) {
         self.raise_alerts();
-        self.commit_due = None;
         if let Some(w) = &mut self.writer
             && let Err(e) = w.sync()
         {
@@ -129,27 +130,29 @@ impl Journal {
         }
     }
 
-    /// Group commit, for records nobody waits on (those drained from the kernel): with
-    /// `--audit-fsync always`, writes them out now — a crash of the daemon no longer loses
-    /// them — and leaves the fdatasync to a `sync` at `commit_due`, at most the commit window after
-    /// the first record written since the last one. With the other policies, `sync`.
-    pub fn sync_soon(&mut self) {
-        if self.opts.fsync != FsyncPolicy::Always {
-            return self.sync();
+    /// Group commit, for records nobody waits on (those the kernel queues): with
+    /// `--audit-fsync always` and a commit window, starts the window (if none is open) and
+    /// returns `true`: the records stay in the ring buffer until `commit_due`, when they are
+    /// drained, written and made durable by one `sync` together with all that arrived in the
+    /// meantime. `false` (other policies, or no window): drain and `sync` them now. Other
+    /// syncs meanwhile (a configuration change, a sweep) leave the window open: its records
+    /// are still in the ring buffer.
+    pub fn start_commit_window(&mut self) -> bool {
+        if self.opts.fsync != FsyncPolicy::Always || self.opts.commit_window.is_zero() {
+            return false;
         }
-        self.raise_alerts();
-        let Some(w) = &mut self.writer else { return };
-        match w.flush() {
-            Ok(()) if w.unsynced() => {
-                self.commit_due
-                    .get_or_insert_with(|| Instant::now() + self.opts.commit_window);
-            }
-            Ok(()) => {}
-            Err(e) => self.fail(e, 0),
-        }
+        self.commit_due
+            .get_or_insert_with(|| Instant::now() + self.opts.commit_window);
+        true
     }
 
-    /// When written records must be made durable by `sync` (see `sync_soon`).
+    /// Ends the open commit window, once its records have been drained: `sync`.
+    pub fn commit(&mut self) {
+        self.commit_due = None;
+        self.sync();
+    }
+
+    /// When the open commit window ends (see `start_commit_window`).
     pub fn commit_due(&self) -> Option<Instant> {
         self.commit_due
     }
@@ -179,7 +182,8 @@ impl Journal {
         // The writer's buffered records are lost with it; reopening tells how many reached
         // the disk.
         self.writer = None;
-        self.commit_due = None;
+        // An open commit window stays open: its records are still in the ring buffer, and
+        // are counted as lost when it ends.
         self.failure = Some(Failure {
             since: SystemTime::now(),
             dropped,
@@ -279,11 +283,12 @@ mod tests {
         AuditReader::open(dir).unwrap().count()
     }
 
-    /// Group commit: a record that `sync_soon` took is in the file at once (another reader
-    /// sees it: a crash of the daemon cannot lose it), and a sync is due within
-    /// the commit window; `sync` makes it durable and clears the due time.
+    /// Group commit: the first wake-up opens a window that ends within the commit window,
+    /// later ones within it keep its end, and so does a `sync` for something else (the
+    /// window's records are still in the ring buffer); `commit` writes and syncs everything
+    /// and closes it.
     #[test]
-    fn group_commit_writes_at_once_and_syncs_within_the_bound() {
+    fn group_commit_opens_one_window_and_sync_closes_it() {
         let dir = std::env::temp_dir().join(format!("lb-journal-group-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let mut j = Journal::open(
@@ -295,37 +300,42 @@ mod tests {
         .unwrap();
         assert_eq!(j.commit_due(), None);
         let before = Instant::now();
-        j.record(SystemTime::now(), stop("one"));
-        j.sync_soon();
-        assert_eq!(on_disk(&dir), 1, "written before the fdatasync");
-        let due = j.commit_due().expect("a sync is due");
+        assert!(j.start_commit_window());
+        let due = j.commit_due().expect("a window is open");
         assert!(due > before && due <= Instant::now() + DEFAULT_COMMIT_WINDOW);
-        // More records before the due time go with the same commit.
-        j.record(SystemTime::now(), stop("two"));
-        j.sync_soon();
+        // A second wake-up before the end goes with the same commit.
+        assert!(j.start_commit_window());
         assert_eq!(j.commit_due(), Some(due));
-        assert_eq!(on_disk(&dir), 2);
         j.sync();
+        assert_eq!(j.commit_due(), Some(due), "still open after another sync");
+        // At the end: what was drained meanwhile is written and synced together.
+        j.record(SystemTime::now(), stop("one"));
+        j.record(SystemTime::now(), stop("two"));
+        j.commit();
         assert_eq!(j.commit_due(), None);
+        assert_eq!(on_disk(&dir), 2);
         assert!(!j.writer.as_ref().unwrap().unsynced());
-        // Nothing new: nothing due.
-        j.sync_soon();
-        assert_eq!(j.commit_due(), None);
         j.close().unwrap();
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// With `interval` and `never` there is no group commit: `sync_soon` is `sync`.
+    /// With `interval` and `never`, and with a zero window, there is no group commit: the
+    /// daemon drains and syncs at every wake-up.
     #[test]
     fn other_policies_sync_as_before() {
-        for fsync in [
-            FsyncPolicy::Never,
-            FsyncPolicy::Interval(Duration::from_secs(60)),
+        for (fsync, commit_window) in [
+            (FsyncPolicy::Never, DEFAULT_COMMIT_WINDOW),
+            (
+                FsyncPolicy::Interval(Duration::from_secs(60)),
+                DEFAULT_COMMIT_WINDOW,
+            ),
+            (FsyncPolicy::Always, Duration::ZERO),
         ] {
             let dir = std::env::temp_dir().join(format!("lb-journal-other-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             let opts = audit::Options {
                 fsync,
+                commit_window,
                 ..audit::Options::default()
             };
             let mut j = Journal::open(
@@ -335,10 +345,8 @@ mod tests {
                 Default::default(),
             )
             .unwrap();
-            j.record(SystemTime::now(), stop("one"));
-            j.sync_soon();
+            assert!(!j.start_commit_window());
             assert_eq!(j.commit_due(), None);
-            assert_eq!(on_disk(&dir), 1);
             j.close().unwrap();
             let _ = std::fs::remove_dir_all(&dir);
         }
