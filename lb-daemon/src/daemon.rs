@@ -694,7 +694,8 @@ fn close_in_user_space(
     let ours = dp.close_flow(pair);
     dp.remove_flow(pair)?;
     if ours {
-        if pair.key.af != lb_common::AF_INET {
+        // (Only TCP: the program never closes a UDP flow.)
+        if pair.key.af != lb_common::AF_INET && pair.key.proto == lb_common::PROTO_TCP {
             closed_here.insert(pair.fwd.flow_id, Instant::now());
         }
         record_close(audit, names, pair, reason, clock);
@@ -702,7 +703,7 @@ fn close_in_user_space(
     Ok(())
 }
 
-/// IPv6 flows the daemon closed itself (idle, evicted), for a while. `FLOWS6` is a kernel hash
+/// IPv6 TCP flows the daemon closed itself (idle, evicted), for a while. `FLOWS6` is a kernel hash
 /// map, whose values user space cannot change atomically: between the sweep's read of a flow
 /// and its removal, the program may see the flow's FIN or RST, close it too and push a
 /// `conn_close` of its own, which `drain` then drops, so that the flow still has exactly one.
@@ -713,8 +714,9 @@ struct ClosedHere {
 }
 
 impl ClosedHere {
-    /// Far longer than a record of the program waits in the ring buffer for the daemon.
-    const KEEP: Duration = Duration::from_secs(60);
+    /// Far longer than a record of the program waits in the ring buffer for the daemon (a
+    /// commit window, or a sweep).
+    const KEEP: Duration = Duration::from_secs(10);
 
     fn insert(&mut self, flow_id: u64, now: Instant) {
         self.since.insert(flow_id, now);

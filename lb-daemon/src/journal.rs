@@ -288,7 +288,7 @@ mod tests {
     /// window's records are still in the ring buffer); `commit` writes and syncs everything
     /// and closes it.
     #[test]
-    fn group_commit_opens_one_window_and_sync_closes_it() {
+    fn group_commit_opens_one_window_and_commit_closes_it() {
         let dir = std::env::temp_dir().join(format!("lb-journal-group-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let mut j = Journal::open(
