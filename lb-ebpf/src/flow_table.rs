@@ -70,14 +70,10 @@ fn find(index: u32, tag: u64, words: &[u64; 2]) -> Option<(*mut u64, *mut Slot)>
 
 #[inline(always)]
 fn scan_for(b: *mut Bucket, tag: u64, words: &[u64; 2]) -> Option<usize> {
-    for i in 0..WAYS {
-        // SAFETY: an aligned tag word of a live array value, which other CPUs (and the daemon)
-        // change only atomically.
-        if unsafe { atomic::load(&raw const (*b).tags[i]) } == tag && holds(b, i, words) {
-            return Some(i);
-        }
-    }
-    None
+    // SAFETY: an aligned tag word of a live array value, which other CPUs (and the daemon)
+    // change only atomically.
+    (0..WAYS)
+        .find(|&i| unsafe { atomic::load(&raw const (*b).tags[i]) } == tag && holds(b, i, words))
 }
 
 /// Whether slot `i` of bucket `b` holds the key `words` (fixed while its tag is `LIVE`).

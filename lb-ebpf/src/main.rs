@@ -275,6 +275,8 @@ fn flow_get(key: &FlowKey) -> Option<*mut Flow> {
 
 /// The entry of the parsed packet's 5-tuple (whose IPv4 key the parse built).
 #[inline(always)]
+// The key by reference: by value it would be copied onto the 512-byte stack.
+#[allow(clippy::needless_borrows_for_generic_args)]
 fn packet_flow(pkt: &Packet) -> Option<*mut Flow> {
     if pkt.key.af == AF_INET {
         flow_table::lookup(&pkt.key4)
@@ -1196,6 +1198,8 @@ fn take_token(key: &FlowKey, svc: &ServiceInfo, now: u64) -> bool {
                 zero(&raw mut s.last_deny_record_ns);
                 zero(&raw mut s.suppressed);
             }
+            // By reference: by value it would be copied again on the stack.
+            #[allow(clippy::needless_borrows_for_generic_args)]
             let _ = SOURCES.insert(skey, &s, BPF_ANY as u64);
             true
         }
@@ -1247,6 +1251,8 @@ fn deny(pkt: &Packet, svc: &ServiceInfo, reason: u8, rule: u32) -> u32 {
                 zero(&raw mut s.refill_ns);
                 zero(&raw mut s.suppressed);
             }
+            // By reference: by value it would be copied again on the stack.
+            #[allow(clippy::needless_borrows_for_generic_args)]
             let _ = SOURCES.insert(skey, &s, BPF_ANY as u64);
             0
         }
@@ -1295,13 +1301,13 @@ fn preferred_snat_offset(sport_be: u16, min: u32, range: u32) -> u32 {
 /// `a % b`, 0 when `b` is 0: without a panic path, which the verifier would refuse.
 #[inline(always)]
 fn rem(a: u32, b: u32) -> u32 {
-    if b == 0 { 0 } else { a % b }
+    a.checked_rem(b).unwrap_or(0)
 }
 
 /// `a / b`, 0 when `b` is 0 (as `rem`).
 #[inline(always)]
 fn div(a: u32, b: u32) -> u32 {
-    if b == 0 { 0 } else { a / b }
+    a.checked_div(b).unwrap_or(0)
 }
 
 /// The `SNAT_HISTORY` slot of (backend, SNAT port), host byte order port. The array is pages of
