@@ -2,7 +2,8 @@
 //! namespace of its own, against a program that only returns XDP_PASS (the floor on this
 //! machine), all in one run.
 //!
-//! `cargo bench -p lb-tests --bench dataplane [-- --repeat N]` (or `cargo xtask bench --dataplane`).
+//! `cargo bench -p lb-tests --bench dataplane [-- --repeat N] [--conntrack N]` (or `cargo xtask
+//! bench --dataplane`); `--conntrack` sizes the new-flow row's table (default 65536).
 //!
 //! BPF_PROG_TEST_RUN's `repeat` runs the program N times on the same buffer, and the program's
 //! rewrites persist between runs. The steady-state paths are therefore measured on flows whose
@@ -35,18 +36,28 @@ fn main() {
         return;
     }
     let args: Vec<String> = std::env::args().collect();
-    let repeat: u32 = args
-        .iter()
-        .position(|a| a == "--repeat")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(1_000_000);
+    let value = |name: &str, default: u32, min: u32| -> u32 {
+        let Some(i) = args.iter().position(|a| a == name) else {
+            return default;
+        };
+        match args.get(i + 1).map(|v| v.parse::<u32>()) {
+            Some(Ok(n)) if n >= min => n,
+            _ => {
+                eprintln!("dataplane benchmark: {name} takes a number, at least {min}");
+                std::process::exit(2);
+            }
+        }
+    };
+    let repeat = value("--repeat", 1_000_000, 1);
+    // The new-flow row's table (`--conntrack-size`): room for a batch of 8192 flows, each with
+    // its reply entry, well below its high-water mark.
+    let conntrack = value("--conntrack", 65536, 12288);
     let ns = lb_tests::Netns::new("bench");
     ns.run(
         "sysctl -qw net.ipv4.ip_forward=1 && ip link add d0 type veth peer name d1 && ip link set d1 up && ip addr add 10.0.2.1/24 dev d0 && ip link set d0 up && \
          for i in 2 3 4 5 6; do ip neigh add 10.0.2.$i lladdr 02:00:00:00:02:0$i dev d0 nud permanent; done",
     );
-    let rows = ns.enter(|| measure(repeat));
+    let rows = ns.enter(|| measure(repeat, conntrack));
     println!("\nper-packet cost through BPF_PROG_TEST_RUN ({repeat} runs per row)\n");
     println!("| path | ns/packet | × floor | target |");
     println!("|---|---:|---:|---|");
@@ -195,7 +206,7 @@ fn end(ip: &str, port: u16) -> End {
     }
 }
 
-fn measure(repeat: u32) -> Vec<Row> {
+fn measure(repeat: u32, conntrack: u32) -> Vec<Row> {
     // Identity-rewrite flows: the SNAT range is the one port the client uses.
     let mut deny = service("ssh", Proto::Tcp, "10.0.2.4:22", "10.0.2.4:22");
     deny.deny = vec!["10.0.2.0/24".parse().unwrap()];
@@ -285,7 +296,7 @@ fn measure(repeat: u32) -> Vec<Row> {
     let mut dp2 = load(
         vec![service("new", Proto::Tcp, "10.0.0.100:80", "10.0.2.5:80")],
         (1024, 65535),
-        65536,
+        conntrack,
     );
     let syn = |i: u32| {
         packet::syn(

@@ -110,8 +110,8 @@ fn parse_args() -> Result<Opts> {
                     .map(|n| Peer::from_name(n.trim()).with_context(|| format!("unknown peer {n}")))
                     .collect::<Result<_>>()?;
             }
-            // The data-plane benchmark's flag, when `cargo xtask bench` passes ARGS to both.
-            "--repeat" => {
+            // The data-plane benchmark's flags, when `cargo xtask bench` passes ARGS to both.
+            "--repeat" | "--conntrack" => {
                 val()?;
             }
             other => eprintln!("peers bench: ignoring unknown argument {other}"),
