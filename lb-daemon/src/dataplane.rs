@@ -584,13 +584,18 @@ impl Dataplane {
             .collect())
     }
 
-    /// Every entry of `FLOWS6`, in batches.
-    fn read_flows6(&mut self) -> anyhow::Result<Vec<(FlowKey, Flow)>> {
+    /// `FLOWS6`, the kernel hash map of IPv6 flows, for system calls of its own.
+    fn flows6_fd(&mut self) -> anyhow::Result<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd as _;
         let aya::maps::Map::HashMap(data) = self.map(maps::FLOWS6)? else {
             bail!("map {} is not a hash map", maps::FLOWS6);
         };
-        use std::os::fd::AsFd as _;
-        lookup_batch(data.fd().as_fd()).map_err(|e| anyhow!("reading the IPv6 flow table: {e}"))
+        Ok(data.fd().as_fd())
+    }
+
+    /// Every entry of `FLOWS6`, in batches.
+    fn read_flows6(&mut self) -> anyhow::Result<Vec<(FlowKey, Flow)>> {
+        lookup_batch(self.flows6_fd()?).map_err(|e| anyhow!("reading the IPv6 flow table: {e}"))
     }
 
     /// Closes a connection in the kernel's state, as the program does when it sees the end of
@@ -617,11 +622,7 @@ impl Dataplane {
             self.flows4.remove(&FlowKey4::of(&pair.key), id);
             self.flows4.remove(&FlowKey4::of(&peer), id);
         } else {
-            use std::os::fd::AsFd as _;
-            let aya::maps::Map::HashMap(data) = self.map(maps::FLOWS6)? else {
-                bail!("map {} is not a hash map", maps::FLOWS6);
-            };
-            let fd = data.fd().as_fd();
+            let fd = self.flows6_fd()?;
             for key in [pair.key, peer] {
                 // Removed, then put back if it turns out to be another flow's: the program
                 // reopened the 5-tuple (or reused the SNAT port) since the entry was read.
@@ -748,15 +749,7 @@ fn lookup_batch<K: aya::Pod + Default, V: aya::Pod + Default>(
         // SAFETY: `attr` is a valid batch attribute; `keys` and `values` hold `count` elements
         // of the map's key and value types (plain data: any bytes the kernel writes are valid
         // values), which the kernel fills; `token` and `next` outlive the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &raw mut attr,
-                std::mem::size_of::<BatchAttr>(),
-            )
-        };
-        let err = (rc < 0).then(std::io::Error::last_os_error);
+        let err = unsafe { sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) }.err();
         let n = (attr.count as usize).min(chunk);
         out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
         match err {
@@ -821,20 +814,25 @@ fn map_elem<K: aya::Pod, V: aya::Pod>(
     // SAFETY: `attr` is a valid element attribute; `key` and `value` are of the map's key and
     // value types (plain data: any bytes the kernel writes are a valid value) and outlive the
     // call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            &raw mut attr,
-            std::mem::size_of::<ElemAttr>(),
-        )
-    };
-    if rc == 0 {
-        return Ok(true);
+    match unsafe { sys_bpf(cmd, &mut attr) } {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(absent) => Ok(false),
+        Err(e) => Err(e),
     }
-    match std::io::Error::last_os_error() {
-        e if e.raw_os_error() == Some(absent) => Ok(false),
-        e => Err(e),
+}
+
+/// The `bpf` system call `cmd` with `attr`, a member of `union bpf_attr`.
+///
+/// # Safety
+/// `attr` must be the member `cmd` takes, and every pointer in it valid for what the kernel
+/// reads and writes there.
+unsafe fn sys_bpf<A>(cmd: libc::c_long, attr: &mut A) -> std::io::Result<()> {
+    // SAFETY: guaranteed by the caller.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut A, std::mem::size_of::<A>()) };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }
 

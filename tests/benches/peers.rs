@@ -175,32 +175,44 @@ fn mac(ns: &lb_tests::Netns, iface: &str) -> Result<[u8; 6]> {
         .map_err(|_| anyhow::anyhow!("MAC address of {iface}: {text:?}"))
 }
 
-/// The ingress filter on a backend's `eth0` that counts and drops the UDP blast: installed
-/// (`install`, returns 0), or read and removed (returns the datagrams it counted).
-fn udp_counter(ns: &lb_tests::Netns, install: bool) -> Result<u64> {
-    const TABLE: &str = "lbbench";
-    if install {
-        // One left by an interrupted round would count too.
-        let _ = ns.try_exec(&["nft", "delete", "table", "netdev", TABLE]);
-        ns.try_exec(&["nft", "add", "table", "netdev", TABLE])?;
-        ns.try_exec(&[
-            "nft",
-            "add",
-            "chain",
-            "netdev",
-            TABLE,
-            "blast",
-            "{ type filter hook ingress device eth0 priority 0 ; }",
-        ])?;
-        let port = BACKEND_UDP_PORT.to_string();
-        ns.try_exec(&[
-            "nft", "add", "rule", "netdev", TABLE, "blast", "udp", "dport", &port, "counter",
-            "drop",
-        ])?;
-        return Ok(0);
-    }
-    let listed = ns.try_exec(&["nft", "list", "chain", "netdev", TABLE, "blast"]);
-    ns.try_exec(&["nft", "delete", "table", "netdev", TABLE])?;
+/// The nftables table of the ingress filter that counts and drops the UDP blast.
+const UDP_COUNTER: &str = "lbbench";
+
+/// Installs that filter on a backend's `eth0`.
+fn install_udp_counter(ns: &lb_tests::Netns) -> Result<()> {
+    // One left by an interrupted round would count too.
+    let _ = ns.try_exec(&["nft", "delete", "table", "netdev", UDP_COUNTER]);
+    ns.try_exec(&["nft", "add", "table", "netdev", UDP_COUNTER])?;
+    ns.try_exec(&[
+        "nft",
+        "add",
+        "chain",
+        "netdev",
+        UDP_COUNTER,
+        "blast",
+        "{ type filter hook ingress device eth0 priority 0 ; }",
+    ])?;
+    let port = BACKEND_UDP_PORT.to_string();
+    ns.try_exec(&[
+        "nft",
+        "add",
+        "rule",
+        "netdev",
+        UDP_COUNTER,
+        "blast",
+        "udp",
+        "dport",
+        &port,
+        "counter",
+        "drop",
+    ])?;
+    Ok(())
+}
+
+/// Removes that filter; the datagrams it counted.
+fn take_udp_counter(ns: &lb_tests::Netns) -> Result<u64> {
+    let listed = ns.try_exec(&["nft", "list", "chain", "netdev", UDP_COUNTER, "blast"]);
+    ns.try_exec(&["nft", "delete", "table", "netdev", UDP_COUNTER])?;
     parse_nft_counter(&listed?)
 }
 
@@ -289,7 +301,7 @@ fn measure(
         std::thread::sleep(Duration::from_millis(300));
         let bns = [topo.ns(layout::BACKEND1), topo.ns(layout::BACKEND2)];
         for ns in bns {
-            udp_counter(ns, true)?;
+            install_udp_counter(ns)?;
         }
         let blast = load::run_raw_udp(
             &client,
@@ -304,10 +316,13 @@ fn measure(
             },
         );
         std::thread::sleep(Duration::from_millis(300));
-        let counted = [udp_counter(bns[0], false), udp_counter(bns[1], false)];
+        // Both counters are read and removed, even if the blast failed.
+        let counted = bns.map(take_udp_counter);
         let u = blast?;
-        let arrived = counted[0].as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?
-            + counted[1].as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        let mut arrived = 0;
+        for c in counted {
+            arrived += c?;
+        }
         udp_pps = arrived as f64 / u.elapsed.as_secs_f64();
         udp_sent_pps = u.sent as f64 / u.elapsed.as_secs_f64();
     }

@@ -452,8 +452,6 @@ pub struct UdpStats {
     /// Datagrams the interface took (forwarded or dropped further on).
     pub sent: u64,
     pub elapsed: Duration,
-    /// Flows used.
-    pub flows: usize,
 }
 
 /// Opens `flows` UDP flows from namespace `ns` (one socket each, to the targets in turn), with
@@ -551,7 +549,6 @@ pub fn run_raw_udp(ns: &str, spec: &RawUdpSpec) -> Result<UdpStats> {
     Ok(UdpStats {
         sent,
         elapsed: t0.elapsed(),
-        flows: spec.flows.len(),
     })
 }
 
