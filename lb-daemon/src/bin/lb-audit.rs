@@ -213,6 +213,9 @@ fn follow(dir: &std::path::Path, format: Format, filter: &Filter) -> anyhow::Res
     let (mut index, mut offset) = (first, 0u64);
     loop {
         let path = segment::segment_path(dir, index);
+        // Opened before the next segment is looked for: a segment that was already closed
+        // then is read to its end here, and one closed since is read again.
+        let closed = segment::segment_path(dir, index + 1).exists();
         let mut r = SegmentReader::open_at(&path, offset)?;
         loop {
             match r.next_frame()? {
@@ -223,16 +226,21 @@ fn follow(dir: &std::path::Path, format: Format, filter: &Filter) -> anyhow::Res
                     offset = r.offset;
                 }
                 Frame::End => break,
-                Frame::Bad { why, .. } if why.starts_with("truncated") => break,
-                Frame::Bad { offset, why } => {
+                Frame::Bad { offset, why } if closed || !why.starts_with("truncated") => {
                     anyhow::bail!("{} at offset {offset}: {why}", path.display())
                 }
+                // A frame the writer has not finished.
+                Frame::Bad { .. } => break,
             }
         }
         out.flush()?;
-        if segment::segment_path(dir, index + 1).exists() && r.offset == r.len {
+        if closed {
             index += 1;
             offset = 0;
+            continue;
+        }
+        if segment::segment_path(dir, index + 1).exists() {
+            // Closed meanwhile: what it got since it was opened here is read next.
             continue;
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
