@@ -482,10 +482,10 @@ pub fn open_udp_flows(
     })
 }
 
-/// A raw UDP blaster: prebuilt Ethernet frames of known flows, sent on one interface by
-/// `threads` threads with `sendmmsg` on packet sockets that bypass the queueing discipline, as
-/// fast as it goes. Per datagram it costs far less than a UDP socket (no socket layer, route or
-/// neighbour lookup), so that the path under test rather than the sender is the limit.
+/// A raw UDP blaster: prebuilt Ethernet frames of known flows, sent on one interface by one
+/// thread with `sendmmsg` on a packet socket that bypasses the queueing discipline. Per
+/// datagram it costs far less than a UDP socket (no socket layer, route or neighbour lookup),
+/// so that the path under test rather than the sender is the limit.
 #[derive(Clone, Debug)]
 pub struct RawUdpSpec {
     pub iface: String,
@@ -494,62 +494,71 @@ pub struct RawUdpSpec {
     pub dst_mac: [u8; 6],
     /// (source, destination) of each flow, IPv4.
     pub flows: Vec<(SocketAddr, SocketAddr)>,
-    pub threads: usize,
     pub payload: usize,
     pub duration: Duration,
+    /// Datagrams per second to offer; `None`: as fast as the sender goes.
+    pub rate: Option<f64>,
+    /// The CPU the sender runs on, if it is to stay on one.
+    pub cpu: Option<usize>,
 }
 
 /// Blasts from namespace `ns` as `spec` says.
 pub fn run_raw_udp(ns: &str, spec: &RawUdpSpec) -> Result<UdpStats> {
-    let threads = spec.threads.max(1);
-    let barrier = Arc::new(Barrier::new(threads + 1));
-    let mut handles = Vec::new();
-    for k in 0..threads {
-        let spec = spec.clone();
-        let barrier = barrier.clone();
-        handles.push(spawn_in_netns(ns, move || -> Result<u64> {
-            let frames: Vec<Vec<u8>> = spec
-                .flows
-                .iter()
-                .skip(k)
-                .step_by(threads)
-                .map(|&(src, dst)| {
-                    crate::packet::frame(
-                        crate::packet::End {
-                            mac: spec.src_mac,
-                            ip: src.ip(),
-                            port: src.port(),
-                        },
-                        crate::packet::End {
-                            mac: spec.dst_mac,
-                            ip: dst.ip(),
-                            port: dst.port(),
-                        },
-                        crate::packet::L4::Udp,
-                        &vec![b'u'; spec.payload.max(1)],
-                    )
-                })
-                .collect();
-            let sock = PacketSocket::open(&spec.iface)?;
-            barrier.wait();
-            if frames.is_empty() {
-                return Ok(0);
-            }
-            Ok(sock.blast(&frames, spec.duration))
-        }));
-    }
-    barrier.wait();
-    let t0 = Instant::now();
-    let mut sent = 0;
-    for h in handles {
-        sent += h
-            .join()
-            .map_err(|_| anyhow!("a blaster thread panicked"))??;
-    }
-    Ok(UdpStats {
-        sent,
-        elapsed: t0.elapsed(),
+    let spec = spec.clone();
+    spawn_in_netns(ns, move || -> Result<UdpStats> {
+        if spec.flows.is_empty() {
+            bail!("no UDP flows to send");
+        }
+        let frames: Vec<Vec<u8>> = spec
+            .flows
+            .iter()
+            .map(|&(src, dst)| {
+                crate::packet::frame(
+                    crate::packet::End {
+                        mac: spec.src_mac,
+                        ip: src.ip(),
+                        port: src.port(),
+                    },
+                    crate::packet::End {
+                        mac: spec.dst_mac,
+                        ip: dst.ip(),
+                        port: dst.port(),
+                    },
+                    crate::packet::L4::Udp,
+                    &vec![b'u'; spec.payload.max(1)],
+                )
+            })
+            .collect();
+        if let Some(cpu) = spec.cpu {
+            pin_to_cpu(cpu)?;
+        }
+        let sock = PacketSocket::open(&spec.iface)?;
+        let t0 = Instant::now();
+        let sent = sock.blast(&frames, spec.duration, spec.rate);
+        Ok(UdpStats {
+            sent,
+            elapsed: t0.elapsed(),
+        })
     })
+    .join()
+    .map_err(|_| anyhow!("the UDP sender panicked"))?
+}
+
+/// Keeps the calling thread on CPU `cpu`.
+fn pin_to_cpu(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET stays within it for any CPU below
+    // CPU_SETSIZE, which sched_setaffinity checks against the machine.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            bail!(
+                "keeping a thread on CPU {cpu}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// An `AF_PACKET` socket bound to one interface, for sending whole frames.
@@ -606,11 +615,13 @@ impl PacketSocket {
         Ok(PacketSocket(fd))
     }
 
-    /// Sends `frames` round and round until `duration` is over; returns the frames the
-    /// interface took.
-    fn blast(&self, frames: &[Vec<u8>], duration: Duration) -> u64 {
+    /// Sends `frames` round and round until `duration` is over, at most `rate` a second;
+    /// returns the frames the interface took (a frame the receiving side's queue had no room
+    /// for fails to send, and is not counted).
+    fn blast(&self, frames: &[Vec<u8>], duration: Duration, rate: Option<f64>) -> u64 {
         const BATCH: usize = 64;
-        let deadline = Instant::now() + duration;
+        let start = Instant::now();
+        let deadline = start + duration;
         let mut iovs: Vec<libc::iovec> = (0..BATCH)
             .map(|i| {
                 let f = &frames[i % frames.len()];
@@ -629,8 +640,20 @@ impl PacketSocket {
         }
         let mut sent = 0u64;
         let mut round = 0u64;
+        let mut offered = 0u64;
         loop {
-            if round.is_multiple_of(16) && Instant::now() >= deadline {
+            if let Some(rate) = rate {
+                // Paced: wait for the instant this batch is due.
+                let due = start + Duration::from_secs_f64(offered as f64 / rate);
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+                offered += BATCH as u64;
+            } else if round.is_multiple_of(16) && Instant::now() >= deadline {
                 break;
             }
             round += 1;
