@@ -144,6 +144,8 @@ struct Sample {
     bulk_gbps: f64,
     udp_pps: f64,
     udp_sent_pps: f64,
+    /// Fraction of the balancer's CPU busy in the blast of `udp_pps`.
+    udp_balancer_busy: f64,
     errors: BTreeMap<String, u64>,
 }
 
@@ -230,42 +232,60 @@ fn split_cpus(topo: &Topology, undo: bool) -> Result<()> {
     Ok(())
 }
 
+/// What one UDP blast got through.
+#[derive(Clone, Copy, Debug)]
+struct UdpRate {
+    /// Datagrams/s that reached the backends.
+    arrived: f64,
+    /// Datagrams/s the sender got out.
+    sent: f64,
+    /// Fraction of the balancer's CPU that was busy meanwhile.
+    balancer_busy: f64,
+}
+
 /// One blast as `spec` says, with the balancer on a CPU of its own (`split_cpus`), counted
 /// where it arrives: an ingress filter on each backend's interface counts and drops it, so
-/// that the backends' UDP sockets are not what limits the rate. Returns the datagrams/s that
-/// arrived, and that the sender got out.
-fn udp_blast(topo: &Topology, spec: &RawUdpSpec) -> Result<(f64, f64)> {
+/// that the backends' UDP sockets are not what limits the rate.
+fn udp_blast(topo: &Topology, spec: &RawUdpSpec) -> Result<UdpRate> {
     let bns = [topo.ns(layout::BACKEND1), topo.ns(layout::BACKEND2)];
     for ns in bns {
         install_udp_counter(ns)?;
     }
-    let blast = split_cpus(topo, false)
-        .and_then(|()| load::run_raw_udp(topo.ns(layout::CLIENT).name(), spec));
+    let blast = split_cpus(topo, false).and_then(|()| {
+        let cpu0 = CpuTimes::read(Some(balancer_cpu()))?;
+        let u = load::run_raw_udp(topo.ns(layout::CLIENT).name(), spec)?;
+        let cpu1 = CpuTimes::read(Some(balancer_cpu()))?;
+        let wall = cpu1.at.duration_since(cpu0.at).as_secs_f64();
+        Ok((u, cpu0.busy_secs_until(&cpu1) / wall))
+    });
     let undone = split_cpus(topo, true);
     std::thread::sleep(Duration::from_millis(100));
     // Both counters are read and removed, even if the blast failed.
     let counted = bns.map(take_udp_counter);
-    let u = blast?;
+    let (u, balancer_busy) = blast?;
     undone?;
     let mut arrived = 0;
     for c in counted {
         arrived += c?;
     }
     let secs = u.elapsed.as_secs_f64();
-    Ok((arrived as f64 / secs, u.sent as f64 / secs))
+    Ok(UdpRate {
+        arrived: arrived as f64 / secs,
+        sent: u.sent as f64 / secs,
+        balancer_busy,
+    })
 }
 
 /// The best rate the balancer forwards `flows` at: a blast as fast as the sender goes and,
 /// while more than a tenth of what was sent is lost on the way (a proxy whose socket
 /// overflows while the kernel spends the CPU receiving what it then drops), blasts offering
-/// half the rate of the one before. Returns the best rate that arrived in any of them and the
-/// sender's rate in that blast. After such halving, one more blast offers √2 times the last
-/// rate, between it and the one before.
+/// half the rate of the one before. After such halving, one more blast offers √2 times the
+/// last rate, between it and the one before. Returns the blast in which the most arrived.
 fn udp_forwarding_rate(
     topo: &Topology,
     flows: Vec<(std::net::SocketAddr, std::net::SocketAddr)>,
     duration: Duration,
-) -> Result<(f64, f64)> {
+) -> Result<UdpRate> {
     let mut spec = RawUdpSpec {
         iface: "eth0".into(),
         src_mac: mac(topo.ns(layout::CLIENT), "eth0")?,
@@ -277,27 +297,29 @@ fn udp_forwarding_rate(
         cpu: Some(SENDER_CPU),
     };
     let flood = udp_blast(topo, &spec)?;
-    let mut offer = |rate: f64| -> Result<(f64, f64)> {
+    let mut offer = |rate: f64| -> Result<UdpRate> {
         spec.rate = Some(rate);
         let got = udp_blast(topo, &spec)?;
         println!(
-            "    udp offered {rate:.0}/s: {:.0}/s sent, {:.0}/s arrived",
-            got.1, got.0
+            "    udp offered {rate:.0}/s: {:.0}/s sent, {:.0}/s arrived, balancer CPU {:.0}% busy",
+            got.sent,
+            got.arrived,
+            got.balancer_busy * 100.0
         );
         Ok(got)
     };
-    let (mut best, mut last, mut rate) = (flood, flood, flood.1);
-    while last.0 < 0.9 * last.1 && rate > 1000.0 {
+    let (mut best, mut last, mut rate) = (flood, flood, flood.sent);
+    while last.arrived < 0.9 * last.sent && rate > 1000.0 {
         rate /= 2.0;
         last = offer(rate)?;
-        if last.0 > best.0 {
+        if last.arrived > best.arrived {
             best = last;
         }
     }
-    if rate < flood.1 {
+    if rate < flood.sent {
         // Between the last rate that lost too much and the first that did not.
         let got = offer(rate * std::f64::consts::SQRT_2)?;
-        if got.0 > best.0 {
+        if got.arrived > best.arrived {
             best = got;
         }
     }
@@ -375,7 +397,7 @@ fn measure(
     // 2. The same at a fixed offered load: machine CPU and setup latency.
     let daemon_pid = running.daemon_pid();
     let d0 = daemon_pid.and_then(proc_cpu_secs);
-    let cpu0 = CpuTimes::read()?;
+    let cpu0 = CpuTimes::read(None)?;
     let f = load::run_conns(
         &client,
         &ConnSpec {
@@ -387,7 +409,7 @@ fn measure(
             timeout: Duration::from_secs(1),
         },
     )?;
-    let cpu1 = CpuTimes::read()?;
+    let cpu1 = CpuTimes::read(None)?;
     let d1 = daemon_pid.and_then(proc_cpu_secs);
     let window = cpu1.at.duration_since(cpu0.at).as_secs_f64();
     if std::env::var_os("LB_BENCH_DEBUG").is_some() {
@@ -417,11 +439,15 @@ fn measure(
     std::thread::sleep(Duration::from_millis(300));
 
     // 4. UDP datagrams of a few flows: the best rate the balancer forwards.
-    let (mut udp_pps, mut udp_sent_pps) = (f64::NAN, f64::NAN);
+    let mut udp = UdpRate {
+        arrived: f64::NAN,
+        sent: f64::NAN,
+        balancer_busy: f64::NAN,
+    };
     if peer.udp() {
         let flows = load::open_udp_flows(&client, &peer.udp_targets(), o.udp_flows, 64)?;
         std::thread::sleep(Duration::from_millis(300));
-        (udp_pps, udp_sent_pps) = udp_forwarding_rate(topo, flows, secs)?;
+        udp = udp_forwarding_rate(topo, flows, secs)?;
     }
 
     let mut audit = running.stop()?;
@@ -452,8 +478,9 @@ fn measure(
             connect_p50: percentile(&f.connect_us, 50.0),
             connect_p99: percentile(&f.connect_us, 99.0),
             bulk_gbps: bulk.gbit_per_s(),
-            udp_pps,
-            udp_sent_pps,
+            udp_pps: udp.arrived,
+            udp_sent_pps: udp.sent,
+            udp_balancer_busy: udp.balancer_busy,
             errors,
         },
         audit,
@@ -1000,7 +1027,7 @@ fn run() -> Result<()> {
             match measure(p, &topo, &backends, &o) {
                 Ok((s, audit)) => {
                     println!(
-                        "round {}/{} {:<8} {:>7.0} conn/s ({} failed) | fixed {:>5.0}/s busy {:.2} cores (daemon {:.2}) p50 {:>5.0} µs p99 {:>6.0} µs ({} failed) | bulk {:>5.2} Gbit/s | udp {:>9.0} pps of {:>9.0} sent | {:.1} s",
+                        "round {}/{} {:<8} {:>7.0} conn/s ({} failed) | fixed {:>5.0}/s busy {:.2} cores (daemon {:.2}) p50 {:>5.0} µs p99 {:>6.0} µs ({} failed) | bulk {:>5.2} Gbit/s | udp {:>9.0} pps of {:>9.0} sent, balancer CPU {:.0}% busy | {:.1} s",
                         round + 1,
                         o.rounds,
                         p.name(),
@@ -1015,6 +1042,7 @@ fn run() -> Result<()> {
                         s.bulk_gbps,
                         s.udp_pps,
                         s.udp_sent_pps,
+                        s.udp_balancer_busy * 100.0,
                         t.elapsed().as_secs_f64()
                     );
                     if !s.errors.is_empty() {
@@ -1114,7 +1142,7 @@ fn run() -> Result<()> {
                             "busy_cores": s.busy_cores, "sampled_busy_cores": s.sampled_busy_cores, "daemon_cores": s.daemon_cores, "steal_cores": s.steal_cores,
                             "setup_p50_us": s.setup_p50, "setup_p99_us": s.setup_p99,
                             "connect_p50_us": s.connect_p50, "connect_p99_us": s.connect_p99,
-                            "bulk_gbps": s.bulk_gbps, "udp_pps": s.udp_pps, "udp_sent_pps": s.udp_sent_pps,
+                            "bulk_gbps": s.bulk_gbps, "udp_pps": s.udp_pps, "udp_sent_pps": s.udp_sent_pps, "udp_balancer_busy": s.udp_balancer_busy,
                             "errors": s.errors,
                         })
                     })

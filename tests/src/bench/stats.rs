@@ -44,21 +44,23 @@ pub struct CpuTimes {
     /// Time the hypervisor gave to other guests.
     pub steal: u64,
     pub at: std::time::Instant,
+    /// CPUs these times add up (all of them, or the one read).
+    pub cpus: usize,
 }
 
 impl CpuTimes {
-    pub fn read() -> Result<CpuTimes> {
+    /// The machine's times (`cpu` = `None`), or one CPU's.
+    pub fn read(cpu: Option<usize>) -> Result<CpuTimes> {
         let text = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
-        parse_proc_stat(&text)
+        parse_proc_stat(&text, cpu)
     }
 
     /// Busy time between `self` (earlier) and `later`, in seconds of one CPU: CPUs × wall time
     /// − idle − iowait − steal.
     pub fn busy_secs_until(&self, later: &CpuTimes) -> f64 {
         let wall = later.at.duration_since(self.at).as_secs_f64();
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         let idle = later.idle.saturating_sub(self.idle) as f64 / ticks_per_sec();
-        (cpus * wall - idle - self.steal_secs_until(later)).max(0.0)
+        (self.cpus as f64 * wall - idle - self.steal_secs_until(later)).max(0.0)
     }
 
     /// Busy time between `self` and `later` from the tick-sampled columns, in seconds of one CPU.
@@ -78,12 +80,13 @@ fn ticks_per_sec() -> f64 {
     if t > 0 { t as f64 } else { 100.0 }
 }
 
-/// Parses the aggregate `cpu` line of `/proc/stat`.
-pub fn parse_proc_stat(text: &str) -> Result<CpuTimes> {
+/// Parses the aggregate `cpu` line of `/proc/stat` (`cpu` = `None`), or CPU `cpu`'s line.
+pub fn parse_proc_stat(text: &str, cpu: Option<usize>) -> Result<CpuTimes> {
+    let name = cpu.map_or("cpu".to_owned(), |n| format!("cpu{n}"));
     let line = text
         .lines()
-        .find(|l| l.starts_with("cpu "))
-        .ok_or_else(|| anyhow!("no aggregate cpu line in /proc/stat"))?;
+        .find(|l| l.split_whitespace().next() == Some(name.as_str()))
+        .ok_or_else(|| anyhow!("no {name} line in /proc/stat"))?;
     let f: Vec<u64> = line
         .split_whitespace()
         .skip(1)
@@ -96,6 +99,10 @@ pub fn parse_proc_stat(text: &str) -> Result<CpuTimes> {
         idle: at(3) + at(4),
         steal: at(7),
         at: std::time::Instant::now(),
+        cpus: match cpu {
+            Some(_) => 1,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        },
     })
 }
 
@@ -127,8 +134,11 @@ mod tests {
     #[test]
     fn proc_stat_and_nft_counters() {
         let s = "cpu  10 1 5 100 2 3 4 7 0 0\ncpu0 1 1 1 1 1 1 1 1 0 0\n";
-        let c = parse_proc_stat(s).unwrap();
+        let c = parse_proc_stat(s, None).unwrap();
         assert_eq!((c.busy, c.idle, c.steal), (23, 102, 7));
+        let c0 = parse_proc_stat(s, Some(0)).unwrap();
+        assert_eq!((c0.busy, c0.idle, c0.steal, c0.cpus), (5, 2, 1, 1));
+        assert!(parse_proc_stat(s, Some(1)).is_err());
         let nft = "table netdev lbbench {\n\tchain blast {\n\t\ttype filter hook ingress device \"eth0\" priority filter; policy accept;\n\t\tudp dport 5353 counter packets 1234 bytes 130804 drop\n\t}\n}\n";
         assert_eq!(parse_nft_counter(nft).unwrap(), 1234);
         assert!(parse_nft_counter("table netdev lbbench {}").is_err());
