@@ -176,36 +176,47 @@ fn mac(ns: &lb_tests::Netns, iface: &str) -> Result<[u8; 6]> {
 }
 
 /// CPUs of the UDP phase: the sender's, and the balancer's, which also receives for the
-/// backends (their interfaces are fed by its CPU).
+/// backends (their interfaces are fed by its CPU). A machine of one CPU has no split.
 const SENDER_CPU: usize = 0;
+const BALANCER_CPU: usize = 1;
 
-fn balancer_cpu() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get() - 1)
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// Moves everything the balancer does onto `balancer_cpu()`, away from the sender's CPU, as
+/// Moves everything the balancer does onto `BALANCER_CPU`, away from the sender's CPU, as
 /// separate machines would: packets the lb namespace's kernel receives are steered there
 /// (RPS on its interfaces), an XDP program's receive queue is polled by a NAPI thread there,
-/// and its processes (proxies, the daemon) run there. `undo` puts everything back.
-fn split_cpus(topo: &Topology, undo: bool) -> Result<()> {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let cpu = balancer_cpu();
+/// and its processes (proxies, the daemon) run there. `share_cpus` puts everything back.
+fn split_cpus(topo: &Topology) -> Result<()> {
+    place_balancer(
+        topo,
+        &format!("{:x}", 1 << BALANCER_CPU),
+        1,
+        &BALANCER_CPU.to_string(),
+    )
+}
+
+fn share_cpus(topo: &Topology) -> Result<()> {
+    place_balancer(topo, "0", 0, &format!("0-{}", cpus() - 1))
+}
+
+/// Sets the RPS CPU mask `rps` and NAPI threading `threaded` of the lb namespace's
+/// interfaces, and keeps its processes and those NAPI threads on the CPU list `allowed`.
+fn place_balancer(topo: &Topology, rps: &str, threaded: u8, allowed: &str) -> Result<()> {
+    if cpus() < 2 {
+        return Ok(());
+    }
     let ns = topo.ns(layout::LB);
-    let (mask, threaded, allowed) = if undo {
-        ("0".to_owned(), 0, format!("0-{}", cpus - 1))
-    } else {
-        (format!("{:x}", 1u64 << cpu), 1, cpu.to_string())
-    };
     let mut script = String::new();
     for iface in layout::LB_IFACES {
         // Only an interface with NAPI (an XDP program attached) has a poll thread to set.
         script.push_str(&format!(
-            "for q in /sys/class/net/{iface}/queues/rx-*; do echo {mask} > $q/rps_cpus; done; \
+            "for q in /sys/class/net/{iface}/queues/rx-*; do echo {rps} > $q/rps_cpus; done; \
              echo {threaded} > /sys/class/net/{iface}/threaded 2>/dev/null || true; "
         ));
     }
     ns.try_run(&script)?;
-    // The lb namespace's processes, and the NAPI threads of its interfaces.
     let mut pids = ns.try_exec(&["ip", "netns", "pids", ns.name()])?;
     for entry in std::fs::read_dir("/proc")?.flatten() {
         let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
@@ -251,14 +262,16 @@ fn udp_blast(topo: &Topology, spec: &RawUdpSpec) -> Result<UdpRate> {
     for ns in bns {
         install_udp_counter(ns)?;
     }
-    let blast = split_cpus(topo, false).and_then(|()| {
-        let cpu0 = CpuTimes::read(Some(balancer_cpu()))?;
+    // The balancer's CPU, or the only one.
+    let balancer = (cpus() > 1).then_some(BALANCER_CPU);
+    let blast = split_cpus(topo).and_then(|()| {
+        let cpu0 = CpuTimes::read(balancer)?;
         let u = load::run_raw_udp(topo.ns(layout::CLIENT).name(), spec)?;
-        let cpu1 = CpuTimes::read(Some(balancer_cpu()))?;
+        let cpu1 = CpuTimes::read(balancer)?;
         let wall = cpu1.at.duration_since(cpu0.at).as_secs_f64();
         Ok((u, cpu0.busy_secs_until(&cpu1) / wall))
     });
-    let undone = split_cpus(topo, true);
+    let undone = share_cpus(topo);
     std::thread::sleep(Duration::from_millis(100));
     // Both counters are read and removed, even if the blast failed.
     let counted = bns.map(take_udp_counter);
@@ -294,7 +307,7 @@ fn udp_forwarding_rate(
         payload: 64,
         duration,
         rate: None,
-        cpu: Some(SENDER_CPU),
+        cpu: (cpus() > 1).then_some(SENDER_CPU),
     };
     let flood = udp_blast(topo, &spec)?;
     let mut offer = |rate: f64| -> Result<UdpRate> {
