@@ -709,6 +709,13 @@ impl Results {
             &|p| self.med(p, |s| s.udp_pps),
         );
         fig(
+            "… the balancer's CPU per datagram (µs: its busy share ÷ that rate)".into(),
+            Better::Lower,
+            false,
+            f2,
+            &|p| self.med(p, |s| s.udp_balancer_busy / s.udp_pps * 1e6),
+        );
+        fig(
             "setup latency p50: connect → reply (µs)".into(),
             Better::Lower,
             false,
