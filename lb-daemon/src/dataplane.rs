@@ -1077,15 +1077,22 @@ pub fn socket_addr(words: [u32; 4], af: u8, port_be: u16) -> SocketAddr {
 mod tests {
     use super::*;
 
+    /// Whether test `name` can load the program (it needs root and the eBPF object); says so
+    /// when it cannot.
+    fn can_load(name: &str) -> bool {
+        // SAFETY: geteuid has no preconditions.
+        let ok = unsafe { libc::geteuid() } == 0 && !EBPF_OBJECT.is_empty();
+        if !ok {
+            eprintln!("SKIPPED {name}: needs root and the eBPF object");
+        }
+        ok
+    }
+
     /// An IPv6 connection is removed only while its entries are still its own: an entry that
     /// a new flow has taken (the 5-tuple reopened) stays (loading a program needs root).
     #[test]
     fn ipv6_entries_of_another_flow_are_not_removed() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 || EBPF_OBJECT.is_empty() {
-            eprintln!(
-                "SKIPPED ipv6_entries_of_another_flow_are_not_removed: needs root and the eBPF object"
-            );
+        if !can_load("ipv6_entries_of_another_flow_are_not_removed") {
             return;
         }
         let mut dp = Dataplane::load(lb_common::MAGLEV_TABLE_SIZE, 1024).unwrap();
@@ -1141,11 +1148,7 @@ mod tests {
     /// root).
     #[test]
     fn flows_reads_every_entry_and_pairs_the_directions() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 || EBPF_OBJECT.is_empty() {
-            eprintln!(
-                "SKIPPED flows_reads_every_entry_and_pairs_the_directions: needs root and the eBPF object"
-            );
+        if !can_load("flows_reads_every_entry_and_pairs_the_directions") {
             return;
         }
         let mut dp = Dataplane::load(lb_common::MAGLEV_TABLE_SIZE, 65536).unwrap();

@@ -33,7 +33,7 @@ use lb_tests::{
     bench::{
         load::{self, Backend, ConnSpec, RawUdpSpec},
         peers::{self, AuditCheck, BACKEND_UDP_PORT, Peer},
-        stats::{CpuTimes, median, parse_nft_counter, percentile},
+        stats::{CpuTimes, cpus, median, parse_nft_counter, percentile},
         svg,
     },
     topology::layout,
@@ -176,12 +176,13 @@ fn mac(ns: &lb_tests::Netns, iface: &str) -> Result<[u8; 6]> {
 }
 
 /// CPUs of the UDP phase: the sender's, and the balancer's, which also receives for the
-/// backends (their interfaces are fed by its CPU). A machine of one CPU has no split.
+/// backends (their interfaces are fed by its CPU).
 const SENDER_CPU: usize = 0;
 const BALANCER_CPU: usize = 1;
 
-fn cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+/// Whether the UDP phase splits the CPUs: not on a machine of one.
+fn split_possible() -> bool {
+    cpus() > 1
 }
 
 /// Moves everything the balancer does onto `BALANCER_CPU`, away from the sender's CPU, as
@@ -204,7 +205,7 @@ fn share_cpus(topo: &Topology) -> Result<()> {
 /// Sets the RPS CPU mask `rps` and NAPI threading `threaded` of the lb namespace's
 /// interfaces, and keeps its processes and those NAPI threads on the CPU list `allowed`.
 fn place_balancer(topo: &Topology, rps: &str, threaded: u8, allowed: &str) -> Result<()> {
-    if cpus() < 2 {
+    if !split_possible() {
         return Ok(());
     }
     let ns = topo.ns(layout::LB);
@@ -263,7 +264,7 @@ fn udp_blast(topo: &Topology, spec: &RawUdpSpec) -> Result<UdpRate> {
         install_udp_counter(ns)?;
     }
     // The balancer's CPU, or the only one.
-    let balancer = (cpus() > 1).then_some(BALANCER_CPU);
+    let balancer = split_possible().then_some(BALANCER_CPU);
     let blast = split_cpus(topo).and_then(|()| {
         let cpu0 = CpuTimes::read(balancer)?;
         let u = load::run_raw_udp(topo.ns(layout::CLIENT).name(), spec)?;
@@ -307,7 +308,7 @@ fn udp_forwarding_rate(
         payload: 64,
         duration,
         rate: None,
-        cpu: (cpus() > 1).then_some(SENDER_CPU),
+        cpu: split_possible().then_some(SENDER_CPU),
     };
     let flood = udp_blast(topo, &spec)?;
     let mut offer = |rate: f64| -> Result<UdpRate> {
@@ -941,9 +942,7 @@ fn plot(figs: &[Figure], peers: &[Peer], o: &Opts, machine: &str) -> String {
 }
 
 fn machine() -> String {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
+    let cpus = cpus();
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|t| {

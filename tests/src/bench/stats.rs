@@ -74,6 +74,11 @@ impl CpuTimes {
     }
 }
 
+/// The machine's CPUs (at least 1).
+pub fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 fn ticks_per_sec() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -101,7 +106,7 @@ pub fn parse_proc_stat(text: &str, cpu: Option<usize>) -> Result<CpuTimes> {
         at: std::time::Instant::now(),
         cpus: match cpu {
             Some(_) => 1,
-            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            None => cpus(),
         },
     })
 }
