@@ -109,6 +109,21 @@ pub fn lookup(key: &FlowKey4) -> Option<*mut Flow> {
     Some(unsafe { &raw mut (*s).flow })
 }
 
+/// Starts loading the first tag lines of both of `key`'s buckets (see `touch`), for an access
+/// to come.
+#[inline(always)]
+pub fn prefetch(key: &FlowKey4) {
+    let Some(p) = place(key) else {
+        return;
+    };
+    if let Some(b) = FLOWS4.get_ptr(p.first) {
+        touch(b);
+    }
+    if let Some(b) = FLOWS4.get_ptr(p.second) {
+        touch(b);
+    }
+}
+
 /// Removes the entry of `key`, if any.
 #[inline(never)]
 pub fn remove(key: &FlowKey4) {

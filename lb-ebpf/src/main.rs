@@ -353,6 +353,9 @@ pub struct Packet {
     /// For a packet that opens a flow: its service, as `steer` found it (the admission step
     /// reads it from here rather than looking it up again).
     svc: ServiceInfo,
+    /// For a packet that opens a flow: `flow_hash` of `key`, which picks its backend.
+    hash: u32,
+    _pad2: u32,
     /// `key` as `FLOWS4` keys it (IPv4 only), for the established path's lookup.
     key4: FlowKey4,
 }
@@ -694,6 +697,29 @@ fn steer_and_admit(ctx: &XdpContext) -> u32 {
 
 #[inline(always)]
 fn try_steer(ctx: &XdpContext, pkt: &mut Packet) -> Result<u32, ()> {
+    let k = keys()?;
+    // SAFETY: per-CPU scratch, this field used only here.
+    let svc_key = unsafe {
+        let key = &raw mut (*k).svc;
+        copy::addr(&raw mut (*key).addr, &pkt.key.dst);
+        (*key).port = pkt.key.dport;
+        (*key).proto = pkt.key.proto;
+        (*key).af = pkt.key.af;
+        &*key
+    };
+    // A packet that may open a flow finds its service before its flow, so that the buckets of
+    // the reply entry a new flow would get start loading before the flow lookup waits for its
+    // own (`prefetch_reply_entry`).
+    let opening = opens_flow(pkt);
+    let mut svc = None;
+    if opening {
+        // SAFETY: map value, valid for the duration of this run (not copied: stack space).
+        svc = unsafe { SERVICES.get(svc_key) };
+        if let Some(svc) = svc {
+            pkt.hash = flow_hash(&pkt.key);
+            prefetch_reply_entry(pkt, svc);
+        }
+    }
     let existing = packet_flow(pkt);
     if let Some(e) = existing {
         // SAFETY: map value pointer, valid for the duration of this run.
@@ -709,18 +735,11 @@ fn try_steer(ctx: &XdpContext, pkt: &mut Packet) -> Result<u32, ()> {
             return Ok(follow(ctx, pkt, e));
         }
     }
-    let k = keys()?;
-    // SAFETY: per-CPU scratch, this field used only here.
-    let svc_key = unsafe {
-        let key = &raw mut (*k).svc;
-        copy::addr(&raw mut (*key).addr, &pkt.key.dst);
-        (*key).port = pkt.key.dport;
-        (*key).proto = pkt.key.proto;
-        (*key).af = pkt.key.af;
-        &*key
-    };
-    // SAFETY: map value, valid for the duration of this run (not copied: stack space).
-    let Some(svc) = (unsafe { SERVICES.get(svc_key) }) else {
+    if !opening {
+        // SAFETY: as above.
+        svc = unsafe { SERVICES.get(svc_key) };
+    }
+    let Some(svc) = svc else {
         // Not a service port; a packet to a VIP on another port is still not the host's.
         return not_handled(&pkt.key.dst, pkt.key.af, stat::DROP_UNSUPPORTED);
     };
@@ -1011,17 +1030,12 @@ fn try_open_flow(ctx: &XdpContext, pkt: &Packet, svc: &ServiceInfo) -> Result<()
     if svc.rate_per_sec != 0 && !take_token(key, svc, coarse) {
         return Err(deny_code(deny_reason::RATE_LIMITED, NO_RULE));
     }
-    if svc.backend_count == 0 || cfg.maglev_size == 0 {
+    if svc.backend_count == 0 {
         return Err(deny_code(deny_reason::NO_BACKEND, NO_RULE));
     }
-    let hash = flow_hash(key);
-    let slot = svc.id * cfg.maglev_size + hash % cfg.maglev_size;
-    let backend_idx = *MAGLEV
-        .get(slot)
-        .ok_or(deny_code(deny_reason::NO_BACKEND, NO_RULE))?;
-    let be = BACKENDS
-        .get(backend_idx)
-        .ok_or(deny_code(deny_reason::NO_BACKEND, NO_RULE))?;
+    let hash = pkt.hash;
+    let (backend_idx, be) =
+        maglev_backend(cfg, svc, hash).ok_or(deny_code(deny_reason::NO_BACKEND, NO_RULE))?;
     let to_backend = next_hop(ctx, be, backend_idx, coarse);
     if to_backend == 0 {
         return Err(drop_code(stat::DROP_NO_ROUTE));
@@ -1110,6 +1124,52 @@ fn try_open_flow(ctx: &XdpContext, pkt: &Packet, svc: &ServiceInfo) -> Result<()
     }
     emit_flow(event_kind::CONN_OPEN, open_reason::MAGLEV, key, fwd, rev);
     Ok(())
+}
+
+/// The backend that service `svc`'s Maglev table gives a new flow whose `flow_hash` is `hash`:
+/// its index and entry.
+#[inline(always)]
+fn maglev_backend(cfg: &Config, svc: &ServiceInfo, hash: u32) -> Option<(u32, &'static Backend)> {
+    if cfg.maglev_size == 0 {
+        return None;
+    }
+    let idx = *MAGLEV.get(svc.id * cfg.maglev_size + rem(hash, cfg.maglev_size))?;
+    Some((idx, BACKENDS.get(idx)?))
+}
+
+/// Starts loading the `FLOWS4` buckets of the reply entry that a new IPv4 flow of `pkt` will
+/// most likely get: towards its Maglev backend, under its preferred SNAT port. Both of a new
+/// flow's keys land in random buckets, and each bucket is a cold line behind a TLB miss, the
+/// largest part of a new flow's cost: loaded now, the reply key's misses overlap those of the
+/// flow's own lookup instead of following them. A guess that turns out wrong (the port is
+/// taken, the table changed) costs only the loads.
+#[inline(always)]
+fn prefetch_reply_entry(pkt: &Packet, svc: &ServiceInfo) {
+    if pkt.key.af != AF_INET || svc.backend_count == 0 {
+        return;
+    }
+    let (Some(cfg), Ok(k)) = (CONFIG.get(0), keys()) else {
+        return;
+    };
+    let Some((_, be)) = maglev_backend(cfg, svc, pkt.hash) else {
+        return;
+    };
+    let (min, max) = (cfg.snat_port_min as u32, cfg.snat_port_max as u32);
+    let range = max.wrapping_sub(min).wrapping_add(1);
+    let port = (min + preferred_snat_offset(pkt.key.sport, min, range)) as u16;
+    // SAFETY: per-CPU scratch; the flow-map helpers' key, whose previous use is over.
+    unsafe {
+        let k4 = &raw mut (*k).flow4;
+        store_key4(
+            k4,
+            be.addr[0],
+            be.snat_addr[0],
+            be.port,
+            port.to_be(),
+            pkt.key.proto,
+        );
+        flow_table::prefetch(&*k4);
+    }
 }
 
 /// Longest-prefix match of the client address among the service's rules. A match counts

@@ -4,9 +4,10 @@
 //!   the system tools the tests use (ip, ethtool); idempotent;
 //! - `build [--release]`: setup, then every binary (the eBPF object is embedded in lb-daemon);
 //! - `test [-- ARGS]`: setup, build, then every test, the root-only namespace tests included;
-//! - `bench [--dataplane] [--peers] [--quick] [-- ARGS]`: setup, then the data-plane benchmark
-//!   and the peers benchmark (lb against kernel DNAT, HAProxy and nginx stream on one
-//!   namespace topology); both without a flag;
+//! - `bench [--dataplane] [--audit] [--peers] [--quick] [-- ARGS]`: setup, then the data-plane
+//!   benchmark, the audit log benchmark (writer, decoder, verify) and the peers benchmark (lb
+//!   against kernel DNAT, HAProxy and nginx stream on one namespace topology); all three
+//!   without a flag;
 //! - `dist [--bin-dir DIR] [--out-dir DIR] [--compress xz|gzip|none]`: a Debian package (binaries, systemd unit, default
 //!   environment file, man pages, shell completions, documentation), `target/dist/lb_*.deb`;
 //! - `demo`: setup, build, a client → balancer → two backends topology in network namespaces,
@@ -43,7 +44,7 @@ enum Cmd {
     /// dpkg-deb, binutils, man).
     Setup {
         /// Also the peers of the benchmark (Debian packages nftables, haproxy, nginx-light,
-        /// libnginx-mod-stream), when missing.
+        /// libnginx-mod-stream) and GNU time, when missing.
         #[arg(long)]
         bench_tools: bool,
     },
@@ -78,19 +79,24 @@ enum Cmd {
     /// cleans up after itself.
     Demo,
     /// Setup, then the benchmarks (need root): the data-plane benchmark (per-packet cost of the
-    /// XDP program with BPF_PROG_TEST_RUN) and the peers benchmark (lb against kernel DNAT,
-    /// HAProxy and nginx stream on one namespace topology, in one run; installs the peers
-    /// when missing and builds the release binaries). Both when neither flag is given.
-    /// Arguments after `--` go to each benchmark (e.g. `-- --repeat 100000`, `-- --rounds 7`).
+    /// XDP program with BPF_PROG_TEST_RUN), the audit log benchmark (writer, decoder and verify
+    /// throughput, the decoder's memory, the writer in the daemon's pattern) and the peers
+    /// benchmark (lb against kernel DNAT, HAProxy and nginx stream on one namespace topology,
+    /// in one run; installs the peers when missing and builds the release binaries). All three
+    /// when no flag is given. Arguments after `--` go to each benchmark (e.g.
+    /// `-- --repeat 100000`, `-- --rounds 7`); each ignores the others'.
     Bench {
         /// The data-plane benchmark.
         #[arg(long)]
         dataplane: bool,
+        /// The audit log benchmark.
+        #[arg(long)]
+        audit: bool,
         /// The peers benchmark.
         #[arg(long)]
         peers: bool,
         /// Shorter runs: the peers benchmark in under two minutes, the data-plane benchmark
-        /// with 200,000 repetitions per row.
+        /// with 200,000 repetitions per row, the audit benchmark on 200,000 records.
         #[arg(long)]
         quick: bool,
         #[arg(last = true)]
@@ -167,14 +173,36 @@ fn test(args: &[String]) -> Result<()> {
     result.context("tests failed")
 }
 
-fn bench(dataplane: bool, peers: bool, quick: bool, args: &[String]) -> Result<()> {
-    let (dataplane, peers) = if dataplane || peers {
-        (dataplane, peers)
-    } else {
-        (true, true)
-    };
+/// Which benchmarks `cargo xtask bench` runs.
+struct Benches {
+    dataplane: bool,
+    audit: bool,
+    peers: bool,
+}
+
+impl Benches {
+    /// The ones flagged, or all of them when none is.
+    fn chosen(dataplane: bool, audit: bool, peers: bool) -> Benches {
+        let all = !(dataplane || audit || peers);
+        Benches {
+            dataplane: dataplane || all,
+            audit: audit || all,
+            peers: peers || all,
+        }
+    }
+}
+
+fn bench(
+    Benches {
+        dataplane,
+        audit,
+        peers,
+    }: Benches,
+    quick: bool,
+    args: &[String],
+) -> Result<()> {
     setup::setup()?;
-    if peers {
+    if peers || audit {
         setup::bench_tools()?;
     }
     // Ctrl-C reaches the benchmark too (same process group): it stops what it started and
@@ -200,6 +228,21 @@ fn bench(dataplane: bool, peers: bool, quick: bool, args: &[String]) -> Result<(
         c.args(args);
         if let Err(e) = run(&mut c) {
             failed.push(format!("data-plane benchmark: {e:#}"));
+        }
+    }
+    if audit {
+        let mut c = cargo();
+        c.args(["bench", "--package", "lb-daemon", "--bench", "audit", "--"]);
+        if quick {
+            for (flag, value) in [("--records", "200000"), ("--secs", "1")] {
+                if !args.iter().any(|a| a == flag) {
+                    c.args([flag, value]);
+                }
+            }
+        }
+        c.args(args);
+        if let Err(e) = run(&mut c) {
+            failed.push(format!("audit benchmark: {e:#}"));
         }
     }
     if peers {
@@ -260,10 +303,11 @@ fn main() -> ExitCode {
         Cmd::Demo => demo::demo(),
         Cmd::Bench {
             dataplane,
+            audit,
             peers,
             quick,
             args,
-        } => bench(dataplane, peers, quick, &args),
+        } => bench(Benches::chosen(dataplane, audit, peers), quick, &args),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -344,19 +344,22 @@ fn system_tools() -> Result<()> {
     Ok(())
 }
 
-/// What the peers benchmark compares lb with, as (what must exist, Debian package): a program
-/// on PATH, or an absolute path for a file a package installs.
-pub const BENCH_TOOLS: [(&str, &str); 4] = [
+/// What the benchmarks need beyond the build: what the peers benchmark compares lb with, and
+/// the audit benchmark's GNU time, as (what must exist, Debian package): a program on PATH,
+/// or an absolute path for a file a package installs.
+pub const BENCH_TOOLS: [(&str, &str); 5] = [
     ("nft", "nftables"),
     ("haproxy", "haproxy"),
     ("nginx", "nginx-light"),
     (lb_tests::bench::peers::NGINX_STREAM, "libnginx-mod-stream"),
+    // The audit benchmark's measure of lb-audit's peak memory.
+    ("/usr/bin/time", "time"),
 ];
 
-/// `cargo xtask setup --bench-tools` and `cargo xtask bench --peers`: installs the peers of the
-/// benchmark from Debian packages when missing (kernel DNAT with nftables, HAProxy, nginx with
-/// its stream module). Their services are not started: the benchmark runs them itself, inside
-/// its namespaces.
+/// `cargo xtask setup --bench-tools` and `cargo xtask bench --peers` or `--audit`: installs the
+/// peers of the benchmark from Debian packages when missing (kernel DNAT with nftables, HAProxy,
+/// nginx with its stream module), and GNU time. The peers' services are not started: the
+/// benchmark runs them itself, inside its namespaces.
 pub fn bench_tools() -> Result<()> {
     let present = |what: &str| {
         if what.starts_with('/') {
@@ -384,7 +387,7 @@ pub fn bench_tools() -> Result<()> {
         bail!("missing {}: {by_hand}", missing.join(", "));
     }
     step(&format!(
-        "installing {} (the benchmark's peers)",
+        "installing {} (the benchmarks' peers and tools)",
         missing.join(" ")
     ));
     // Debian starts a package's service on install unless policy-rc.d says no: the benchmark
