@@ -238,12 +238,20 @@ pub struct SourceKey {
 pub struct SourceState {
     /// Tokens, in millionths of a new flow.
     pub tokens_micro: u64,
-    /// When tokens were last added (CLOCK_BOOTTIME ns).
+    /// When tokens were last added (CLOCK_MONOTONIC_COARSE ns).
     pub refill_ns: u64,
-    /// When the last deny record for this source was emitted.
+    /// When the last deny record for this source was emitted (CLOCK_BOOTTIME ns).
     pub last_deny_record_ns: u64,
     /// Denies since that record that emitted no record of their own.
     pub suppressed: u64,
+    /// The last of those: when (CLOCK_BOOTTIME ns), why (`deny_reason`), by which rule, and its
+    /// IP protocol. The daemon records them from here when no later refusal's record carries
+    /// them.
+    pub last_refusal_ns: u64,
+    pub rule: u32,
+    pub reason: u8,
+    pub proto: u8,
+    pub _pad: u16,
 }
 
 /// Entry of the `BACKENDS` array.
@@ -602,7 +610,7 @@ mod tests {
         assert_eq!(size_of::<AclKey>(), 20);
         assert_eq!(size_of::<AclRule>(), 8);
         assert_eq!(size_of::<SourceKey>(), 24);
-        assert_eq!(size_of::<SourceState>(), 32);
+        assert_eq!(size_of::<SourceState>(), 48);
         assert_eq!(size_of::<Backend>(), 40);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<FlowKey4>(), 16);

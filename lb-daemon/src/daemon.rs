@@ -191,6 +191,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
             _ = sweep.tick() => {
                 audit.retry();
                 sweep_flows(&mut dp, &mut audit, &names, &settings, &mut closed_here)?;
+                record_unrecorded_denials(&mut dp, &mut audit, &names, &services, DENY_RECORD_INTERVAL)?;
                 report_drained(&mut dp, &services, &mut audit, &mut control_state)?;
                 record_kernel_loss(&mut dp, &mut audit, &mut loss_seen)?;
                 blocks.expire(&mut services, &mut dp)?;
@@ -231,6 +232,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
             // flows and writes their records, from the ring buffer's unread ones on.
             notify::notify("STOPPING=1\nSTATUS=leaving the data plane running");
             drain(ring.get_mut(), &mut audit, &names, &mut closed_here);
+            record_unrecorded_denials(&mut dp, &mut audit, &names, &services, Duration::ZERO)?;
             record_kernel_loss(&mut dp, &mut audit, &mut loss_seen)?;
             let open = dp
                 .flows()?
@@ -248,6 +250,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
             dp.detach_all()?;
             // Records the program pushed before it was detached come first.
             drain(ring.get_mut(), &mut audit, &names, &mut closed_here);
+            record_unrecorded_denials(&mut dp, &mut audit, &names, &services, Duration::ZERO)?;
             let clock = Clock::now();
             let mut closed = 0;
             for pair in dp.flows()? {
@@ -673,6 +676,54 @@ fn sweep_flows(
                 close_reason::EVICTED,
                 &clock,
             )?;
+        }
+    }
+    Ok(())
+}
+
+/// The program writes at most one deny record per source and service per second.
+const DENY_RECORD_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Records the refusals that no deny record carries: those the program suppressed after a
+/// source's last record, once that record is `min_age` old (at a stop, all of them). One
+/// `conn_deny` per source and service stands for them all: the time, reason and rule of the
+/// last, the client's address without a port, and `suppressed` the others.
+fn record_unrecorded_denials(
+    dp: &mut Dataplane,
+    audit: &mut Journal,
+    names: &Names,
+    services: &[PlacedService],
+    min_age: Duration,
+) -> anyhow::Result<()> {
+    let clock = Clock::now();
+    for (key, st) in dp.take_unrecorded_denials(clock.boot_ns, min_age.as_nanos() as u64)? {
+        // A service removed since has no VIP left to name.
+        let (vip, vip_port) = services
+            .iter()
+            .find(|s| s.id == key.service_id)
+            .map(|s| {
+                (
+                    lb_common::addr::to_words(s.spec.vip.ip()).0,
+                    s.spec.vip.port().to_be(),
+                )
+            })
+            .unwrap_or_default();
+        let ev = ConnEvent {
+            kind: event_kind::CONN_DENY,
+            proto: st.proto,
+            af: key.af,
+            reason: st.reason,
+            service_id: key.service_id,
+            ts_ns: st.last_refusal_ns,
+            client: key.addr,
+            vip,
+            vip_port,
+            rule: st.rule,
+            packets_to_backend: st.suppressed - 1,
+            ..ConnEvent::default()
+        };
+        if let Some(event) = conn_event(&ev, names) {
+            audit.record(clock.to_system(ev.ts_ns), event);
         }
     }
     Ok(())

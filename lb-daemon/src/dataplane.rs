@@ -31,8 +31,8 @@ use aya::{
 };
 use lb_common::{
     AF_INET, AclKey, AclRule, Backend, Config, ConnEvent, Flow, FlowKey, FlowKey4, HopCache,
-    MAX_ACL_RULES, MAX_BACKENDS, MAX_SERVICES, ServiceInfo, ServiceKey, VipKey, acl_action, addr,
-    config_flags, flow_dir, flow_table, maps, service_flags, stat,
+    MAX_ACL_RULES, MAX_BACKENDS, MAX_SERVICES, ServiceInfo, ServiceKey, SourceKey, SourceState,
+    VipKey, acl_action, addr, config_flags, flow_dir, flow_table, maps, service_flags, stat,
 };
 
 use crate::{
@@ -81,7 +81,7 @@ pub struct Dataplane {
 
 /// Bumped whenever the layout or meaning of a map's key or value changes, so that a daemon
 /// never adopts state written by an incompatible build.
-const STATE_LAYOUT: u32 = 4;
+const STATE_LAYOUT: u32 = 5;
 
 impl Dataplane {
     /// Loads the object and the XDP program into the kernel, without attaching it, and with
@@ -589,6 +589,54 @@ impl Dataplane {
         use std::os::fd::AsFd as _;
         let aya::maps::Map::HashMap(data) = self.map(maps::FLOWS6)? else {
             bail!("map {} is not a hash map", maps::FLOWS6);
+        };
+        Ok(data.fd().as_fd())
+    }
+
+    /// Refusals the program counted as suppressed and no deny record carries yet: per source
+    /// and service whose last deny record is at least `min_age_ns` old at `now_ns`
+    /// (CLOCK_BOOTTIME), the entry of `SOURCES` as it was, taken with a lookup-and-delete so
+    /// that no refusal is handed out twice. Each is put back at once with nothing suppressed and
+    /// a record as of `now_ns` (its token bucket kept), unless the program has made the source a
+    /// new entry meanwhile; a refusal that the program counts on the entry between the daemon's
+    /// read and its removal is lost to the log (the per-reason and per-rule counters have it).
+    pub fn take_unrecorded_denials(
+        &mut self,
+        now_ns: u64,
+        min_age_ns: u64,
+    ) -> anyhow::Result<Vec<(SourceKey, SourceState)>> {
+        let fd = self.sources_fd()?;
+        let entries: Vec<(SourceKey, SourceState)> =
+            lookup_batch(fd).map_err(|e| anyhow!("reading {}: {e}", maps::SOURCES))?;
+        let mut taken = Vec::new();
+        for (key, seen) in entries {
+            if seen.suppressed == 0 || now_ns.saturating_sub(seen.last_deny_record_ns) < min_age_ns
+            {
+                continue;
+            }
+            let mut was = SourceState::default();
+            if !map_elem(fd, MapElemOp::LookupAndDelete, &key, &mut was)
+                .map_err(|e| anyhow!("taking a {} entry: {e}", maps::SOURCES))?
+            {
+                continue;
+            }
+            let mut back = was;
+            if was.suppressed > 0 {
+                taken.push((key, was));
+                back.suppressed = 0;
+                back.last_deny_record_ns = now_ns;
+            }
+            map_elem(fd, MapElemOp::InsertNew, &key, &mut back)
+                .map_err(|e| anyhow!("putting a {} entry back: {e}", maps::SOURCES))?;
+        }
+        Ok(taken)
+    }
+
+    /// `SOURCES`, for system calls of its own.
+    fn sources_fd(&mut self) -> anyhow::Result<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd as _;
+        let aya::maps::Map::LruHashMap(data) = self.map(maps::SOURCES)? else {
+            bail!("map {} is not an LRU hash map", maps::SOURCES);
         };
         Ok(data.fd().as_fd())
     }

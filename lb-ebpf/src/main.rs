@@ -1252,11 +1252,17 @@ fn take_token(key: &FlowKey, svc: &ServiceInfo, now: u64) -> bool {
                 refill_ns: now,
                 last_deny_record_ns: 1,
                 suppressed: 1,
+                last_refusal_ns: 1,
+                rule: 0,
+                reason: 0,
+                proto: 0,
+                _pad: 0,
             };
             // SAFETY: fields of a local value.
             unsafe {
                 zero(&raw mut s.last_deny_record_ns);
                 zero(&raw mut s.suppressed);
+                zero(&raw mut s.last_refusal_ns);
             }
             // By reference: by value it would be copied again on the stack.
             #[allow(clippy::needless_borrows_for_generic_args)]
@@ -1267,7 +1273,8 @@ fn take_token(key: &FlowKey, svc: &ServiceInfo, now: u64) -> bool {
 }
 
 /// Refuses a new flow: counted always, recorded at most once per source per second (the
-/// record carries how many were suppressed since the previous one).
+/// record carries how many were suppressed since the previous one). The last suppressed
+/// refusal stays in `SOURCES`, from where the daemon records those no later record carries.
 #[inline(never)]
 fn deny(pkt: &Packet, svc: &ServiceInfo, reason: u8, rule: u32) -> u32 {
     count(match reason {
@@ -1290,6 +1297,10 @@ fn deny(pkt: &Packet, svc: &ServiceInfo, reason: u8, rule: u32) -> u32 {
                 && now.saturating_sub(s.last_deny_record_ns) < DENY_RECORD_INTERVAL_NS
             {
                 s.suppressed += 1;
+                s.last_refusal_ns = now;
+                s.rule = rule;
+                s.reason = reason;
+                s.proto = pkt.key.proto;
                 count(stat::DENY_RECORDS_SUPPRESSED);
                 return xdp_action::XDP_DROP;
             }
@@ -1304,12 +1315,18 @@ fn deny(pkt: &Packet, svc: &ServiceInfo, reason: u8, rule: u32) -> u32 {
                 refill_ns: 1,
                 last_deny_record_ns: now,
                 suppressed: 1,
+                last_refusal_ns: 1,
+                rule: 0,
+                reason: 0,
+                proto: 0,
+                _pad: 0,
             };
             // SAFETY: fields of a local value.
             unsafe {
                 zero(&raw mut s.tokens_micro);
                 zero(&raw mut s.refill_ns);
                 zero(&raw mut s.suppressed);
+                zero(&raw mut s.last_refusal_ns);
             }
             // By reference: by value it would be copied again on the stack.
             #[allow(clippy::needless_borrows_for_generic_args)]

@@ -286,6 +286,18 @@ fn udp_ipv6_acl_and_rate_limit_with_real_sockets() {
         .filter(|r| str_of(r, "service") == "lim")
         .collect();
     assert!(!rate.is_empty() && rate.iter().all(|r| str_of(r, "reason") == "rate_limited"));
+    // Every refusal is in the log: each record stands for itself and the refusals it says
+    // were suppressed, including those after a source's last record, which the daemon writes
+    // (client port 0) once that record is a second old, or at the stop. Each refused attempt
+    // sent one SYN (it gave up before the first retransmission).
+    let refusals = |records: &[&&Value]| -> u64 {
+        records
+            .iter()
+            .map(|r| 1 + r["suppressed"].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(refusals(&acl), 1, "{acl:?}");
+    assert_eq!(refusals(&rate), 15 - lim_ok as u64, "{rate:?}");
 }
 
 #[test]

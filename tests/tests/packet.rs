@@ -747,7 +747,70 @@ fn access_rules_longest_prefix_wins_and_deny_records_are_limited() {
             (1, 100),
             "the record carries the suppressed count"
         );
+
+        // Refusals after the last record, which no later record carries: the daemon takes them
+        // from `SOURCES` once that record is a second old (here: at once), exactly once.
+        for port in 3001..3006 {
+            assert_eq!(
+                run(&mut fx, &packet::syn(client("10.1.2.5", port), v)).0,
+                XDP_DROP
+            );
+        }
+        assert!(events(&mut fx).is_empty(), "suppressed within the second");
+        let second = Duration::from_secs(1).as_nanos() as u64;
+        assert!(
+            fx.dp
+                .take_unrecorded_denials(boot_ns(), second)
+                .unwrap()
+                .is_empty(),
+            "not while the source's last record is recent"
+        );
+        let now = boot_ns();
+        let taken = fx.dp.take_unrecorded_denials(now, 0).unwrap();
+        assert_eq!(taken.len(), 1, "{taken:?}");
+        let (key, st) = taken[0];
+        assert_eq!(addr(key.addr, key.af, 0), "10.1.2.5:0");
+        assert_eq!(key.service_id, fx.services[0].id);
+        assert_eq!(
+            (st.suppressed, st.reason, st.rule, st.proto),
+            (5, deny_reason::ACL, deny_rule.id, lb_common::PROTO_TCP)
+        );
+        assert!(st.last_refusal_ns > ev[0].ts_ns && st.last_refusal_ns <= now);
+        assert!(
+            fx.dp
+                .take_unrecorded_denials(boot_ns(), 0)
+                .unwrap()
+                .is_empty(),
+            "taken once"
+        );
+        // The entry is back, as of the daemon's record: the next refusal is suppressed again.
+        assert_eq!(
+            run(&mut fx, &packet::syn(client("10.1.2.5", 3006), v)).0,
+            XDP_DROP
+        );
+        assert!(
+            events(&mut fx).is_empty(),
+            "suppressed after the daemon's record"
+        );
+        let taken = fx.dp.take_unrecorded_denials(boot_ns(), 0).unwrap();
+        assert_eq!(taken.iter().map(|(_, st)| st.suppressed).sum::<u64>(), 1);
+        assert_eq!(
+            fx.dp.rule_hits(8).unwrap()[deny_rule.id as usize],
+            108,
+            "exact per-rule count"
+        );
     });
+}
+
+/// CLOCK_BOOTTIME now, the clock of the program's timestamps.
+fn boot_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the struct it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 #[test]

@@ -549,14 +549,20 @@ fn check_story(log: &[Value]) -> Result<()> {
             count(&|r| is(r, "kind", "conn_open") && is(r, "service", "dns")),
         ),
         (
-            format!("refusals of the intruder {INTRUDER_IP} (conn_deny, reason acl)"),
-            count(&|r| {
-                is(r, "kind", "conn_deny")
-                    && is(r, "reason", "acl")
-                    && r["client"].as_str().is_some_and(|c| {
-                        c == INTRUDER_IP || c.starts_with(&format!("{INTRUDER_IP}:"))
-                    })
-            }),
+            format!(
+                "refusals of the intruder {INTRUDER_IP} (conn_deny, reason acl; each record \
+                 stands for itself and the refusals it says were suppressed)"
+            ),
+            log.iter()
+                .filter(|r| {
+                    is(r, "kind", "conn_deny")
+                        && is(r, "reason", "acl")
+                        && r["client"].as_str().is_some_and(|c| {
+                            c == INTRUDER_IP || c.starts_with(&format!("{INTRUDER_IP}:"))
+                        })
+                })
+                .map(|r| 1 + r["suppressed"].as_u64().unwrap_or(0) as usize)
+                .sum(),
         ),
         (
             "backend2 went down and came back (health_change)".into(),
