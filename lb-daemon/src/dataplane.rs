@@ -584,13 +584,15 @@ impl Dataplane {
             .collect())
     }
 
-    /// `FLOWS6`, the kernel hash map of IPv6 flows, for system calls of its own.
-    fn flows6_fd(&mut self) -> anyhow::Result<std::os::fd::BorrowedFd<'_>> {
+    /// The kernel hash map `name` (`FLOWS6`, `SOURCES`), for system calls of its own.
+    fn hash_map_fd(&mut self, name: &str) -> anyhow::Result<std::os::fd::BorrowedFd<'_>> {
         use std::os::fd::AsFd as _;
-        let aya::maps::Map::HashMap(data) = self.map(maps::FLOWS6)? else {
-            bail!("map {} is not a hash map", maps::FLOWS6);
-        };
-        Ok(data.fd().as_fd())
+        match self.map(name)? {
+            aya::maps::Map::HashMap(data) | aya::maps::Map::LruHashMap(data) => {
+                Ok(data.fd().as_fd())
+            }
+            _ => bail!("map {name} is not a hash map"),
+        }
     }
 
     /// Refusals the program counted as suppressed and no deny record carries yet: per source
@@ -605,7 +607,7 @@ impl Dataplane {
         now_ns: u64,
         min_age_ns: u64,
     ) -> anyhow::Result<Vec<(SourceKey, SourceState)>> {
-        let fd = self.sources_fd()?;
+        let fd = self.hash_map_fd(maps::SOURCES)?;
         let entries: Vec<(SourceKey, SourceState)> =
             lookup_batch(fd).map_err(|e| anyhow!("reading {}: {e}", maps::SOURCES))?;
         let mut taken = Vec::new();
@@ -632,18 +634,10 @@ impl Dataplane {
         Ok(taken)
     }
 
-    /// `SOURCES`, for system calls of its own.
-    fn sources_fd(&mut self) -> anyhow::Result<std::os::fd::BorrowedFd<'_>> {
-        use std::os::fd::AsFd as _;
-        let aya::maps::Map::LruHashMap(data) = self.map(maps::SOURCES)? else {
-            bail!("map {} is not an LRU hash map", maps::SOURCES);
-        };
-        Ok(data.fd().as_fd())
-    }
-
     /// Every entry of `FLOWS6`, in batches.
     fn read_flows6(&mut self) -> anyhow::Result<Vec<(FlowKey, Flow)>> {
-        lookup_batch(self.flows6_fd()?).map_err(|e| anyhow!("reading the IPv6 flow table: {e}"))
+        lookup_batch(self.hash_map_fd(maps::FLOWS6)?)
+            .map_err(|e| anyhow!("reading the IPv6 flow table: {e}"))
     }
 
     /// Closes a connection in the kernel's state, as the program does when it sees the end of
@@ -670,7 +664,7 @@ impl Dataplane {
             self.flows4.remove(&FlowKey4::of(&pair.key), id);
             self.flows4.remove(&FlowKey4::of(&peer), id);
         } else {
-            let fd = self.flows6_fd()?;
+            let fd = self.hash_map_fd(maps::FLOWS6)?;
             for key in [pair.key, peer] {
                 // Removed, then put back if it turns out to be another flow's: the program
                 // reopened the 5-tuple (or reused the SNAT port) since the entry was read.
