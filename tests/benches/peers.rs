@@ -6,14 +6,15 @@
 //! release binaries), or `LB_BIN_DIR=target/release cargo bench -p lb-tests --bench peers --
 //! ARGS`. Needs root. ARGS:
 //!
-//! - `--quick`: 3 short rounds (under two minutes);
+//! - `--quick`: 2 short rounds (under two minutes);
 //! - `--rounds N`, `--secs S` (length of each load phase, seconds), `--rate R` (the fixed
 //!   offered load for the CPU and latency figures, connections/s), `--threads N` (client
 //!   threads for short connections), `--workers N` (HAProxy threads, nginx workers; default 2),
 //!   `--only direct,lb,nft,haproxy,nginx`;
-//! - `--svg PATH`, `--json PATH`: where the plot and the raw samples go (default: the full run
-//!   writes docs/benchmarks-peers.svg, a quick run target/bench-peers-quick.svg; the samples
-//!   go to target/bench-peers.json).
+//! - `--svg PATH`, `--json PATH`: where the plot and the raw samples go (default: a full run of
+//!   every peer writes docs/benchmarks-peers.svg, a run of some peers
+//!   target/bench-peers-some.svg, a quick run target/bench-peers-quick.svg; the samples go to
+//!   target/bench-peers.json, or target/bench-peers-quick.json).
 //!
 //! Each round runs every peer in turn (the order rotates from round to round); for each: start
 //! it, then (1) short TCP connections as fast as the client threads go, (2) short connections at
@@ -81,6 +82,7 @@ fn parse_args() -> Result<Opts> {
             "target/bench-peers.json"
         }),
     };
+    let mut svg_given = false;
     let mut i = 0;
     while i < args.len() {
         let a = args[i].as_str();
@@ -99,7 +101,10 @@ fn parse_args() -> Result<Opts> {
             "--rate" => o.rate = val()?.parse().context("--rate")?,
             "--threads" => o.threads = val()?.parse().context("--threads")?,
             "--workers" => o.workers = val()?.parse().context("--workers")?,
-            "--svg" => o.svg = val()?.into(),
+            "--svg" => {
+                o.svg = val()?.into();
+                svg_given = true;
+            }
             "--json" => o.json = val()?.into(),
             "--only" => {
                 let v = val()?;
@@ -108,8 +113,8 @@ fn parse_args() -> Result<Opts> {
                     .map(|n| Peer::from_name(n.trim()).with_context(|| format!("unknown peer {n}")))
                     .collect::<Result<_>>()?;
             }
-            // The data-plane benchmark's flags, when `cargo xtask bench` passes ARGS to both.
-            "--repeat" | "--conntrack" => {
+            // The other benchmarks' flags, when `cargo xtask bench` passes ARGS to all three.
+            "--repeat" | "--conntrack" | "--records" => {
                 val()?;
             }
             other => eprintln!("peers bench: ignoring unknown argument {other}"),
@@ -118,6 +123,10 @@ fn parse_args() -> Result<Opts> {
     }
     if !o.only.contains(&Peer::Direct) {
         o.only.insert(0, Peer::Direct);
+    }
+    // The plot in the docs shows every peer: a run of some leaves it alone.
+    if !svg_given && !quick && Peer::ALL.iter().any(|p| !o.only.contains(p)) {
+        o.svg = workspace().join("target/bench-peers-some.svg");
     }
     o.rounds = o.rounds.max(1);
     Ok(o)
