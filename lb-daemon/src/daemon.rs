@@ -626,9 +626,14 @@ fn sweep_flows(
     let clock = Clock::now();
     closed_here.expire(Instant::now());
     let linger = settings.closed_linger.as_nanos() as u64;
-    let mut remaining = 0usize;
-    let mut open = Vec::new();
-    for pair in dp.flows()? {
+    // Only connections quiet for the shortest of these can be due.
+    let due_after = settings
+        .closed_linger
+        .min(settings.udp_idle_timeout)
+        .min(settings.tcp_idle_timeout)
+        .as_nanos() as u64;
+    let (quiet_flows, mut remaining) = dp.quiet_flows(clock.coarse_ns.saturating_sub(due_after))?;
+    for pair in quiet_flows {
         let quiet = clock.coarse_ns.saturating_sub(pair.last_seen_ns());
         let idle = if pair.key.proto == lb_common::PROTO_UDP {
             settings.udp_idle_timeout
@@ -638,8 +643,7 @@ fn sweep_flows(
         if pair.fwd.state & flow_state::CLOSED != 0 {
             if quiet > linger {
                 dp.remove_flow(&pair)?;
-            } else {
-                remaining += 1;
+                remaining -= 1;
             }
         } else if quiet > idle.as_nanos() as u64 {
             close_in_user_space(
@@ -651,14 +655,17 @@ fn sweep_flows(
                 close_reason::IDLE_TIMEOUT,
                 &clock,
             )?;
-        } else {
-            open.push(pair);
+            remaining -= 1;
         }
     }
-    remaining += open.len();
     let size = settings.conntrack_size as usize;
     let (high, low) = (size * 95 / 100, size * 90 / 100);
     if remaining > high {
+        let mut open: Vec<FlowPair> = dp
+            .flows()?
+            .into_iter()
+            .filter(|p| p.fwd.state & flow_state::CLOSED == 0)
+            .collect();
         open.sort_by_key(|p| p.last_seen_ns());
         let evict = (remaining - low).min(open.len());
         warn!(

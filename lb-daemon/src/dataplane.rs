@@ -559,29 +559,38 @@ impl Dataplane {
     pub fn flows(&mut self) -> anyhow::Result<Vec<FlowPair>> {
         let v4 = self.flows4.entries();
         let v6 = self.read_flows6()?;
-        let half = (v4.len() + v6.len()) / 2 + 1;
-        let (mut forward, mut replies) = (Vec::with_capacity(half), Vec::with_capacity(half));
-        for (key, f) in v4.into_iter().map(|(k, f)| (k.key(), f)).chain(v6) {
-            match f.dir {
-                flow_dir::FORWARD => forward.push((key, f)),
-                flow_dir::REPLY => replies.push((key, f)),
-                _ => {}
+        Ok(pair(
+            v4.into_iter().map(|(k, f)| (k.key(), f)).chain(v6),
+            |_| true,
+        ))
+    }
+
+    /// The connections a sweep may close or forget: those whose forward direction has been
+    /// quiet since `before_ns` (CLOCK_MONOTONIC_COARSE; a connection is never quieter than its
+    /// forward direction), both directions paired; and how many connections there are in all.
+    /// An IPv4 reply entry is looked up in the table for each of them, rather than every one
+    /// indexed.
+    pub fn quiet_flows(&mut self, before_ns: u64) -> anyhow::Result<(Vec<FlowPair>, usize)> {
+        let quiet = |f: &Flow| f.last_seen_ns <= before_ns;
+        let v6 = self.read_flows6()?;
+        let mut total = v6
+            .iter()
+            .filter(|(_, f)| f.dir == flow_dir::FORWARD)
+            .count();
+        let mut pairs = pair(v6, quiet);
+        for (k, fwd) in self.flows4.entries() {
+            if fwd.dir != flow_dir::FORWARD {
+                continue;
+            }
+            total += 1;
+            if quiet(&fwd) {
+                let key = k.key();
+                let peer = FlowKey4::of(&fwd.peer_key(key.proto, key.af));
+                let rev = self.flows4.get(&peer, fwd.flow_id);
+                pairs.push(FlowPair { key, fwd, rev });
             }
         }
-        // The sweeps pair every entry every two seconds: a cheap hash, and indexes rather
-        // than copies of the entries.
-        let mut index: StdHashMap<FlowKey, usize, BuildHasherDefault<KeyHasher>> =
-            StdHashMap::with_capacity_and_hasher(replies.len(), Default::default());
-        index.extend(replies.iter().enumerate().map(|(i, (k, _))| (*k, i)));
-        Ok(forward
-            .into_iter()
-            .map(|(key, fwd)| {
-                let rev = index
-                    .get(&fwd.peer_key(key.proto, key.af))
-                    .map(|&i| replies[i].1);
-                FlowPair { key, fwd, rev }
-            })
-            .collect())
+        Ok((pairs, total))
     }
 
     /// The kernel hash map `name` (`FLOWS6`, `SOURCES`), for system calls of its own.
@@ -809,6 +818,36 @@ fn lookup_batch<K: aya::Pod + Default, V: aya::Pod + Default>(
         token = next;
         first = false;
     }
+}
+
+/// The connections of `entries` (both directions, in any order) whose forward entry `want`s,
+/// each with its reply entry.
+fn pair(
+    entries: impl IntoIterator<Item = (FlowKey, Flow)>,
+    want: impl Fn(&Flow) -> bool,
+) -> Vec<FlowPair> {
+    let (mut forward, mut replies) = (Vec::new(), Vec::new());
+    for (key, f) in entries {
+        match f.dir {
+            flow_dir::FORWARD if want(&f) => forward.push((key, f)),
+            flow_dir::REPLY => replies.push((key, f)),
+            _ => {}
+        }
+    }
+    // A scrape of the metrics pairs every entry: a cheap hash, and indexes rather than copies
+    // of the entries.
+    let mut index: StdHashMap<FlowKey, usize, BuildHasherDefault<KeyHasher>> =
+        StdHashMap::with_capacity_and_hasher(replies.len(), Default::default());
+    index.extend(replies.iter().enumerate().map(|(i, (k, _))| (*k, i)));
+    forward
+        .into_iter()
+        .map(|(key, fwd)| {
+            let rev = index
+                .get(&fwd.peer_key(key.proto, key.af))
+                .map(|&i| replies[i].1);
+            FlowPair { key, fwd, rev }
+        })
+        .collect()
 }
 
 /// A one-element hash-map operation `map_elem` makes.
@@ -1204,6 +1243,7 @@ mod tests {
             };
             let flow = Flow {
                 flow_id: i as u64,
+                last_seen_ns: i as u64,
                 dir: flow_dir::FORWARD,
                 nat_src: [0x0a00_0201, 0, 0, 0],
                 nat_dst: [i.wrapping_mul(7), 0, 0, 0],
@@ -1245,6 +1285,19 @@ mod tests {
                 p.rev.map(|r| r.packets),
                 (i % 2 == 0).then_some((1 << 32) | i),
                 "pairing of connection {i}"
+            );
+        }
+        // What a sweep reads: the connections whose forward direction is quiet since a time,
+        // paired the same way, and how many there are in all.
+        let (quiet, total) = dp.quiet_flows(2_999).unwrap();
+        assert_eq!((quiet.len(), total), (3_000, 10_000));
+        for p in &quiet {
+            let i = p.fwd.flow_id;
+            assert!(i < 3_000, "connection {i} is not quiet");
+            assert_eq!(
+                p.rev.map(|r| r.packets),
+                (i % 2 == 0).then_some((1 << 32) | i),
+                "pairing of quiet connection {i}"
             );
         }
         // Closing: whoever sets CLOSED first (the program or the daemon) records the end.

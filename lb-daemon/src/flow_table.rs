@@ -97,6 +97,16 @@ impl FlowTable4 {
         out
     }
 
+    /// The live entry of `key` that belongs to flow `flow_id`, read as `entries` reads one.
+    pub fn get(&self, key: &FlowKey4, flow_id: u64) -> Option<Flow> {
+        let (t, slot, live) = self.find(key, flow_id)?;
+        // SAFETY: a slot inside the mapping, read with a volatile copy and checked below, as
+        // in `entries`.
+        let flow = unsafe { std::ptr::read_volatile(&raw const (*slot).flow) };
+        fence(Ordering::Acquire);
+        (t.load(Ordering::Relaxed) == live).then_some(flow)
+    }
+
     /// The live slot of `key` whose entry belongs to flow `flow_id`: its tag word and value,
     /// and the tag word's value.
     fn find(&self, key: &FlowKey4, flow_id: u64) -> Option<(&AtomicU64, *mut Slot, u64)> {
