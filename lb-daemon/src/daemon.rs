@@ -705,15 +705,10 @@ fn record_unrecorded_denials(
     let clock = Clock::now();
     for (key, st) in dp.take_unrecorded_denials(clock.boot_ns, min_age.as_nanos() as u64)? {
         // A service removed since has no VIP left to name.
-        let (vip, vip_port) = services
+        let vip = services
             .iter()
             .find(|s| s.id == key.service_id)
-            .map(|s| {
-                (
-                    lb_common::addr::to_words(s.spec.vip.ip()).0,
-                    s.spec.vip.port().to_be(),
-                )
-            })
+            .map(dataplane::service_key)
             .unwrap_or_default();
         let ev = ConnEvent {
             kind: event_kind::CONN_DENY,
@@ -723,8 +718,8 @@ fn record_unrecorded_denials(
             service_id: key.service_id,
             ts_ns: st.last_refusal_ns,
             client: key.addr,
-            vip,
-            vip_port,
+            vip: vip.addr,
+            vip_port: vip.port,
             rule: st.rule,
             packets_to_backend: st.suppressed - 1,
             ..ConnEvent::default()
@@ -936,7 +931,7 @@ impl Clock {
 
 /// A clock in nanoseconds: CLOCK_BOOTTIME is `bpf_ktime_get_boot_ns`'s, CLOCK_MONOTONIC_COARSE
 /// is `bpf_ktime_get_coarse_ns`'s.
-pub(crate) fn clock_ns(clock: libc::clockid_t) -> u64 {
+pub fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

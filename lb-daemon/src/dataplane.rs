@@ -1121,7 +1121,8 @@ fn program(ebpf: &mut Ebpf) -> anyhow::Result<&mut Xdp> {
     Ok(prog.try_into()?)
 }
 
-fn service_key(s: &PlacedService) -> ServiceKey {
+/// The `SERVICES` key of a service: its VIP, port (network byte order), protocol and family.
+pub fn service_key(s: &PlacedService) -> ServiceKey {
     let (a, af) = addr::to_words(s.spec.vip.ip());
     ServiceKey {
         addr: a,

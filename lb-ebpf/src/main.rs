@@ -1154,8 +1154,9 @@ fn prefetch_reply_entry(pkt: &Packet, svc: &ServiceInfo) {
     let Some((_, be)) = maglev_backend(cfg, svc, pkt.hash) else {
         return;
     };
-    let (min, max) = (cfg.snat_port_min as u32, cfg.snat_port_max as u32);
-    let range = max.wrapping_sub(min).wrapping_add(1);
+    let Some((min, range)) = snat_range(cfg) else {
+        return;
+    };
     let port = (min + preferred_snat_offset(pkt.key.sport, min, range)) as u16;
     // SAFETY: per-CPU scratch; the flow-map helpers' key, whose previous use is over.
     unsafe {
@@ -1364,6 +1365,14 @@ fn deny(pkt: &Packet, svc: &ServiceInfo, reason: u8, rule: u32) -> u32 {
     xdp_action::XDP_DROP
 }
 
+/// The SNAT port range: its first port and how many there are; `None` when it is empty.
+#[inline(always)]
+fn snat_range(cfg: &Config) -> Option<(u32, u32)> {
+    let (min, max) = (cfg.snat_port_min as u32, cfg.snat_port_max as u32);
+    let range = max.wrapping_sub(min).wrapping_add(1);
+    (min != 0 && max >= min && range != 0).then_some((min, range))
+}
+
 /// The SNAT port a flow asks for first: the client's own port when it is in the range, else
 /// the client's port folded into the range. Distinct ports of one client address therefore get
 /// distinct SNAT ports (when the client's port range is no larger than the SNAT range), and a
@@ -1465,11 +1474,9 @@ fn snat_held(slot: u32, owner: u32, now: u32) -> u32 {
 #[allow(clippy::needless_borrows_for_generic_args)]
 #[inline(always)]
 fn reserve_snat_port(key: &FlowKey, be: &Backend, cfg: &Config, rev: &Flow, hash: u32) -> u64 {
-    let (min, max) = (cfg.snat_port_min as u32, cfg.snat_port_max as u32);
-    let range = max.wrapping_sub(min).wrapping_add(1);
-    if min == 0 || max < min || range == 0 {
+    let Some((min, range)) = snat_range(cfg) else {
         return deny_code(deny_reason::SNAT_EXHAUSTED, NO_RULE);
-    }
+    };
     let Ok(k) = keys() else {
         return deny_code(deny_reason::SNAT_EXHAUSTED, NO_RULE);
     };

@@ -804,13 +804,7 @@ fn access_rules_longest_prefix_wins_and_deny_records_are_limited() {
 
 /// CLOCK_BOOTTIME now, the clock of the program's timestamps.
 fn boot_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the struct it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    lb_daemon::daemon::clock_ns(libc::CLOCK_BOOTTIME)
 }
 
 #[test]

@@ -84,7 +84,8 @@ enum Cmd {
     /// benchmark (lb against kernel DNAT, HAProxy and nginx stream on one namespace topology,
     /// in one run; installs the peers when missing and builds the release binaries). All three
     /// when no flag is given. Arguments after `--` go to each benchmark (e.g.
-    /// `-- --repeat 100000`, `-- --rounds 7`); each ignores the others'.
+    /// `-- --repeat 100000`, `-- --rounds 7`); each skips the others' flags, and a flag both
+    /// the audit and the peers benchmark have (`--secs`, `--rate`, `--only`) reaches both.
     Bench {
         /// The data-plane benchmark.
         #[arg(long)]
@@ -173,34 +174,10 @@ fn test(args: &[String]) -> Result<()> {
     result.context("tests failed")
 }
 
-/// Which benchmarks `cargo xtask bench` runs.
-struct Benches {
-    dataplane: bool,
-    audit: bool,
-    peers: bool,
-}
-
-impl Benches {
-    /// The ones flagged, or all of them when none is.
-    fn chosen(dataplane: bool, audit: bool, peers: bool) -> Benches {
-        let all = !(dataplane || audit || peers);
-        Benches {
-            dataplane: dataplane || all,
-            audit: audit || all,
-            peers: peers || all,
-        }
-    }
-}
-
-fn bench(
-    Benches {
-        dataplane,
-        audit,
-        peers,
-    }: Benches,
-    quick: bool,
-    args: &[String],
-) -> Result<()> {
+/// The benchmarks flagged, or all of them when none is.
+fn bench(dataplane: bool, audit: bool, peers: bool, quick: bool, args: &[String]) -> Result<()> {
+    let all = !(dataplane || audit || peers);
+    let (dataplane, audit, peers) = (dataplane || all, audit || all, peers || all);
     setup::setup()?;
     if peers || audit {
         setup::bench_tools()?;
@@ -307,7 +284,7 @@ fn main() -> ExitCode {
             peers,
             quick,
             args,
-        } => bench(Benches::chosen(dataplane, audit, peers), quick, &args),
+        } => bench(dataplane, audit, peers, quick, &args),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
