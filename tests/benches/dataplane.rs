@@ -67,6 +67,14 @@ fn main() {
             r.name, r.ns, r.ratio, r.target
         );
     }
+    println!(
+        "\nOne run per call, the ratio in each batch of 8192 (25th, 50th, 75th percentile):\n"
+    );
+    for r in &rows {
+        if let Some([p25, p50, p75]) = r.batches {
+            println!("- {}: {p25:.2}×, {p50:.2}×, {p75:.2}×", r.name);
+        }
+    }
 }
 
 struct Row {
@@ -74,6 +82,8 @@ struct Row {
     ns: f64,
     ratio: f64,
     target: &'static str,
+    /// Side-by-side rows: the quartiles of the ratio over the batches.
+    batches: Option<[f64; 3]>,
 }
 
 fn service(name: &str, proto: Proto, vip: &str, backend: &str) -> ServiceSpec {
@@ -173,29 +183,44 @@ fn run_once(
 
 /// Runs each of `n` frames once through the pass program and once through the balancer, side
 /// by side in batches of 8192 (the pass program on a batch, then the balancer on the same
-/// batch), so that both meet the machine in the same state; returns the kernel-measured mean
-/// ns per run of each. After each batch, outside the measured time, `between` runs.
+/// batch), so that both meet the machine in the same state. Returns the kernel-measured mean
+/// ns per run of each, and the ratio of the two in each batch. After each batch, outside the
+/// measured time, `between` runs.
 fn side_by_side(
     dp: &mut Dataplane,
     n: u32,
     frame: impl Fn(u32) -> Vec<u8>,
     want: u32,
     mut between: impl FnMut(&mut Dataplane),
-) -> (f64, f64) {
+) -> (f64, f64, Vec<f64>) {
     const BATCH: u32 = 8192;
     let (mut pass, mut prog) = (0u128, 0u128);
+    let mut batch_ratios = Vec::new();
     let mut out = vec![0u8; 512];
     for start in (0..n).step_by(BATCH as usize) {
         let frames: Vec<Vec<u8>> = (start..n.min(start + BATCH)).map(&frame).collect();
+        let (pass_before, prog_before) = (pass, prog);
         for f in &frames {
             pass += run_once(dp, true, f, &mut out, XDP_PASS);
         }
         for f in &frames {
             prog += run_once(dp, false, f, &mut out, want);
         }
+        batch_ratios.push((prog - prog_before) as f64 / (pass - pass_before).max(1) as f64);
         between(dp);
     }
-    (pass as f64 / n as f64, prog as f64 / n as f64)
+    (pass as f64 / n as f64, prog as f64 / n as f64, batch_ratios)
+}
+
+/// The quartiles (25th, 50th, 75th percentiles) of `v`.
+fn quartiles(mut v: Vec<f64>) -> [f64; 3] {
+    v.sort_by(f64::total_cmp);
+    let at = |q: usize| {
+        v.get((v.len().saturating_sub(1)) * q / 4)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    [at(1), at(2), at(3)]
 }
 
 fn end(ip: &str, port: u16) -> End {
@@ -273,7 +298,8 @@ fn measure(repeat: u32, conntrack: u32) -> Vec<Row> {
         )
     };
     let advancing_n = repeat.min(200_000);
-    let (pass_seg, advancing) = side_by_side(&mut dp, advancing_n, seg, XDP_REDIRECT, |_| {});
+    let (pass_seg, advancing, advancing_batches) =
+        side_by_side(&mut dp, advancing_n, seg, XDP_REDIRECT, |_| {});
     let bytes = dp
         .flows()
         .unwrap()
@@ -314,7 +340,7 @@ fn measure(repeat: u32, conntrack: u32) -> Vec<Row> {
             dp.remove_flow(&pair).unwrap();
         }
     };
-    let (pass_each, new_ns) = side_by_side(&mut dp2, n, syn, XDP_REDIRECT, &mut drain);
+    let (pass_each, new_ns, new_batches) = side_by_side(&mut dp2, n, syn, XDP_REDIRECT, &mut drain);
     drain(&mut dp2);
     let lost = dp2.stats().unwrap()[lb_common::stat::RINGBUF_LOSS as usize];
     assert_eq!(
@@ -329,54 +355,63 @@ fn measure(repeat: u32, conntrack: u32) -> Vec<Row> {
             ns: floor,
             ratio: 1.0,
             target: "",
+            batches: None,
         },
         Row {
             name: "established TCP forward",
             ns: fwd,
             ratio: fwd / floor,
             target: "≤ 3×",
+            batches: None,
         },
         Row {
             name: "reply (reverse NAT)",
             ns: rev,
             ratio: rev / floor,
             target: "≤ 3×",
+            batches: None,
         },
         Row {
             name: "UDP forward",
             ns: udp_ns,
             ratio: udp_ns / floor,
             target: "≤ 3×",
+            batches: None,
         },
         Row {
             name: "ACL deny",
             ns: deny_ns,
             ratio: deny_ns / floor,
             target: "",
+            batches: None,
         },
         Row {
             name: "XDP_PASS program, one run per call, TCP segments (floor)",
             ns: pass_seg,
             ratio: 1.0,
             target: "",
+            batches: None,
         },
         Row {
             name: "established TCP forward, new bytes in every segment, one run per call",
             ns: advancing,
             ratio: advancing / pass_seg,
             target: "",
+            batches: Some(quartiles(advancing_batches)),
         },
         Row {
             name: "XDP_PASS program, one run per call (floor)",
             ns: pass_each,
             ratio: 1.0,
             target: "",
+            batches: None,
         },
         Row {
             name: "new TCP flow (SYN: Maglev + conntrack insert + record), one run per call",
             ns: new_ns,
             ratio: new_ns / pass_each,
             target: "≤ 10×",
+            batches: Some(quartiles(new_batches)),
         },
     ]
 }
