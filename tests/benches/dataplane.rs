@@ -9,7 +9,7 @@
 //! rewrites persist between runs. The steady-state paths are therefore measured on flows whose
 //! rewrite is the identity (VIP = backend, client address and port = SNAT address and port),
 //! so each run does the full work (lookups, checksum updates, counters, redirect) on the same
-//! bytes. A new flow cannot repeat on one buffer: that row runs N distinct SYNs once each and
+//! bytes, in rounds that each run the floor and then every such row. A new flow cannot repeat on one buffer: that row runs N distinct SYNs once each and
 //! averages the kernel-measured durations, against the pass program run on the same frames in
 //! alternating batches.
 
@@ -68,22 +68,26 @@ fn main() {
         );
     }
     println!(
-        "\nOne run per call, the ratio in each batch of 8192 (25th, 50th, 75th percentile):\n"
+        "\nThe ratio over each row's {ROUNDS} rounds or batches of 8192 (25th, 50th, 75th percentile):\n"
     );
     for r in &rows {
-        if let Some([p25, p50, p75]) = r.batches {
+        if let Some([p25, p50, p75]) = r.spread {
             println!("- {}: {p25:.2}×, {p50:.2}×, {p75:.2}×", r.name);
         }
     }
 }
+
+/// Rounds of the steady-state rows: each round runs the floor and then every row, so that a
+/// drift of the machine's speed during the run moves the floor and the rows alike.
+const ROUNDS: usize = 5;
 
 struct Row {
     name: &'static str,
     ns: f64,
     ratio: f64,
     target: &'static str,
-    /// Side-by-side rows: the quartiles of the ratio over the batches.
-    batches: Option<[f64; 3]>,
+    /// The quartiles of the ratio over the row's rounds or batches.
+    spread: Option<[f64; 3]>,
 }
 
 fn service(name: &str, proto: Proto, vip: &str, backend: &str) -> ServiceSpec {
@@ -249,13 +253,6 @@ fn measure(repeat: u32, conntrack: u32) -> Vec<Row> {
         end("10.0.2.2", 8080),
         end("10.0.2.3", 5353),
     );
-    let floor = repeated(
-        dp.pass_program().unwrap(),
-        &packet::syn(client, tcp_vip),
-        XDP_PASS,
-        repeat,
-    );
-
     let syn = packet::syn(client, tcp_vip);
     let opened = once(dp.program().unwrap(), &syn);
     assert_eq!(
@@ -277,13 +274,31 @@ fn measure(repeat: u32, conntrack: u32) -> Vec<Row> {
     let reply = packet::tcp_frame(tcp_vip, client, TCP_ACK, 1, &[0u8; 64]);
     let ssh = packet::syn(client, end("10.0.2.4", 22));
 
-    let prog = dp.program().unwrap();
-    let fwd = repeated(prog, &established, XDP_REDIRECT, repeat);
-    // Replies leave where the client's SYN came from (lo in a test run): XDP_TX.
-    let rev = repeated(prog, &reply, XDP_TX, repeat);
-    let prog = dp.program().unwrap();
-    let udp_ns = repeated(prog, &udp, XDP_REDIRECT, repeat);
-    let deny_ns = repeated(prog, &ssh, XDP_DROP, repeat);
+    // Per round: the floor, established forward, reply, UDP forward, ACL deny.
+    let mut rounds: Vec<[f64; 5]> = Vec::with_capacity(ROUNDS);
+    for _ in 0..ROUNDS {
+        let floor = repeated(dp.pass_program().unwrap(), &syn, XDP_PASS, repeat);
+        let prog = dp.program().unwrap();
+        rounds.push([
+            floor,
+            repeated(prog, &established, XDP_REDIRECT, repeat),
+            // Replies leave where the client's SYN came from (lo in a test run): XDP_TX.
+            repeated(prog, &reply, XDP_TX, repeat),
+            repeated(prog, &udp, XDP_REDIRECT, repeat),
+            repeated(prog, &ssh, XDP_DROP, repeat),
+        ]);
+    }
+    let steady = |column: usize, name, target| {
+        let mean = |c: usize| rounds.iter().map(|r| r[c]).sum::<f64>() / rounds.len() as f64;
+        Row {
+            name,
+            ns: mean(column),
+            ratio: mean(column) / mean(0),
+            target,
+            spread: (column != 0)
+                .then(|| quartiles(rounds.iter().map(|r| r[column] / r[0]).collect())),
+        }
+    };
 
     // Established segments that each carry new bytes (the sequence-space mark advances with a
     // compare-and-swap every time): distinct frames, once each, against the pass program run
@@ -350,68 +365,38 @@ fn measure(repeat: u32, conntrack: u32) -> Vec<Row> {
     );
 
     vec![
-        Row {
-            name: "XDP_PASS program (floor)",
-            ns: floor,
-            ratio: 1.0,
-            target: "",
-            batches: None,
-        },
-        Row {
-            name: "established TCP forward",
-            ns: fwd,
-            ratio: fwd / floor,
-            target: "≤ 3×",
-            batches: None,
-        },
-        Row {
-            name: "reply (reverse NAT)",
-            ns: rev,
-            ratio: rev / floor,
-            target: "≤ 3×",
-            batches: None,
-        },
-        Row {
-            name: "UDP forward",
-            ns: udp_ns,
-            ratio: udp_ns / floor,
-            target: "≤ 3×",
-            batches: None,
-        },
-        Row {
-            name: "ACL deny",
-            ns: deny_ns,
-            ratio: deny_ns / floor,
-            target: "",
-            batches: None,
-        },
+        steady(0, "XDP_PASS program (floor)", ""),
+        steady(1, "established TCP forward", "≤ 3×"),
+        steady(2, "reply (reverse NAT)", "≤ 3×"),
+        steady(3, "UDP forward", "≤ 3×"),
+        steady(4, "ACL deny", ""),
         Row {
             name: "XDP_PASS program, one run per call, TCP segments (floor)",
             ns: pass_seg,
             ratio: 1.0,
             target: "",
-            batches: None,
+            spread: None,
         },
         Row {
             name: "established TCP forward, new bytes in every segment, one run per call",
             ns: advancing,
             ratio: advancing / pass_seg,
             target: "",
-            batches: Some(quartiles(advancing_batches)),
+            spread: Some(quartiles(advancing_batches)),
         },
         Row {
             name: "XDP_PASS program, one run per call (floor)",
             ns: pass_each,
             ratio: 1.0,
             target: "",
-            batches: None,
+            spread: None,
         },
         Row {
             name: "new TCP flow (SYN: Maglev + conntrack insert + record), one run per call",
             ns: new_ns,
             ratio: new_ns / pass_each,
             target: "≤ 10×",
-            batches: Some(quartiles(new_batches)),
+            spread: Some(quartiles(new_batches)),
         },
     ]
 }
