@@ -161,6 +161,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
     };
     let mut blocks = crate::blocks::Blocks::default();
     let mut closed_here = ClosedHere::default();
+    let mut denials_seen = SuppressedDenials::default();
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
     let mut neigh = tokio::time::interval(NEIGHBOR_REFRESH);
     neigh.tick().await; // the first tick is immediate; neighbours were just primed
@@ -191,7 +192,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
             _ = sweep.tick() => {
                 audit.retry();
                 sweep_flows(&mut dp, &mut audit, &names, &settings, &mut closed_here)?;
-                record_unrecorded_denials(&mut dp, &mut audit, &names, &services, DENY_RECORD_INTERVAL)?;
+                denials_seen.sweep(&mut dp, &mut audit, &names, &services)?;
                 report_drained(&mut dp, &services, &mut audit, &mut control_state)?;
                 record_kernel_loss(&mut dp, &mut audit, &mut loss_seen)?;
                 blocks.expire(&mut services, &mut dp)?;
@@ -494,7 +495,7 @@ fn record_kernel_loss(
     seen: &mut KernelLoss,
 ) -> anyhow::Result<()> {
     let now = SystemTime::now();
-    let count = dp.stats()?[lb_common::stat::RINGBUF_LOSS as usize];
+    let count = dp.stat(lb_common::stat::RINGBUF_LOSS)?;
     if count > seen.count {
         let ns = |t: SystemTime| {
             t.duration_since(SystemTime::UNIX_EPOCH)
@@ -691,19 +692,55 @@ fn sweep_flows(
 /// The program writes at most one deny record per source and service per second.
 const DENY_RECORD_INTERVAL: Duration = Duration::from_secs(1);
 
+/// What the last read of `SOURCES` for suppressed refusals saw: the program's count of
+/// suppressed refusals just before it, and whether it left some for a later sweep (their
+/// source's last record too recent).
+#[derive(Default)]
+struct SuppressedDenials {
+    counted: u64,
+    left: bool,
+}
+
+impl SuppressedDenials {
+    /// Whether `SOURCES` may hold refusals to record, the program's count being `counted` now:
+    /// a map of thousands of quiet sources is not read every second for nothing.
+    fn due(&self, counted: u64) -> bool {
+        counted != self.counted || self.left
+    }
+
+    /// The sweep's `record_unrecorded_denials`, when due.
+    fn sweep(
+        &mut self,
+        dp: &mut Dataplane,
+        audit: &mut Journal,
+        names: &Names,
+        services: &[PlacedService],
+    ) -> anyhow::Result<()> {
+        let counted = dp.stat(lb_common::stat::DENY_RECORDS_SUPPRESSED)?;
+        if self.due(counted) {
+            self.left =
+                record_unrecorded_denials(dp, audit, names, services, DENY_RECORD_INTERVAL)?;
+            self.counted = counted;
+        }
+        Ok(())
+    }
+}
+
 /// Records the refusals that no deny record carries: those the program suppressed after a
 /// source's last record, once that record is `min_age` old (at a stop, all of them). One
 /// `conn_deny` per source and service stands for them all: the time, reason and rule of the
-/// last, the client's address without a port, and `suppressed` the others.
+/// last, the client's address without a port, and `suppressed` the others. Returns whether
+/// some were left for being too recent.
 fn record_unrecorded_denials(
     dp: &mut Dataplane,
     audit: &mut Journal,
     names: &Names,
     services: &[PlacedService],
     min_age: Duration,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let clock = Clock::now();
-    for (key, st) in dp.take_unrecorded_denials(clock.boot_ns, min_age.as_nanos() as u64)? {
+    let (taken, left) = dp.take_unrecorded_denials(clock.boot_ns, min_age.as_nanos() as u64)?;
+    for (key, st) in taken {
         // A service removed since has no VIP left to name.
         let vip = services
             .iter()
@@ -728,7 +765,7 @@ fn record_unrecorded_denials(
             audit.record(clock.to_system(ev.ts_ns), event);
         }
     }
-    Ok(())
+    Ok(left)
 }
 
 /// Records a flow's end decided in user space (idle, evicted) and removes it from the kernel.
@@ -944,6 +981,23 @@ pub fn clock_ns(clock: libc::clockid_t) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `SOURCES` is read when the program suppressed refusals since the last read, or when
+    /// that read left some for later; not otherwise.
+    #[test]
+    fn suppressed_refusals_are_looked_for_only_when_due() {
+        let mut seen = SuppressedDenials::default();
+        assert!(!seen.due(0), "nothing suppressed yet");
+        assert!(seen.due(3), "suppressed since");
+        seen = SuppressedDenials {
+            counted: 3,
+            left: true,
+        };
+        assert!(seen.due(3), "left for later");
+        seen.left = false;
+        assert!(!seen.due(3), "all taken, nothing since");
+        assert!(seen.due(4));
+    }
 
     /// A kernel close of a flow the daemon closed itself is recognised once, and only for
     /// that flow and for a while.

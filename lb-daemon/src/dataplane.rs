@@ -611,18 +611,22 @@ impl Dataplane {
     /// a record as of `now_ns` (its token bucket kept), unless the program has made the source a
     /// new entry meanwhile; a refusal that the program counts on the entry between the daemon's
     /// read and its removal is lost to the log (the per-reason and per-rule counters have it).
+    /// Also returns whether entries with suppressed refusals were left for being too recent.
     pub fn take_unrecorded_denials(
         &mut self,
         now_ns: u64,
         min_age_ns: u64,
-    ) -> anyhow::Result<Vec<(SourceKey, SourceState)>> {
+    ) -> anyhow::Result<(Vec<(SourceKey, SourceState)>, bool)> {
         let fd = self.hash_map_fd(maps::SOURCES)?;
         let entries: Vec<(SourceKey, SourceState)> =
             lookup_batch(fd).map_err(|e| anyhow!("reading {}: {e}", maps::SOURCES))?;
-        let mut taken = Vec::new();
+        let (mut taken, mut left) = (Vec::new(), false);
         for (key, seen) in entries {
-            if seen.suppressed == 0 || now_ns.saturating_sub(seen.last_deny_record_ns) < min_age_ns
-            {
+            if seen.suppressed == 0 {
+                continue;
+            }
+            if now_ns.saturating_sub(seen.last_deny_record_ns) < min_age_ns {
+                left = true;
                 continue;
             }
             let mut was = SourceState::default();
@@ -640,7 +644,7 @@ impl Dataplane {
             map_elem(fd, MapElemOp::InsertNew, &key, &mut back)
                 .map_err(|e| anyhow!("putting a {} entry back: {e}", maps::SOURCES))?;
         }
-        Ok(taken)
+        Ok((taken, left))
     }
 
     /// Every entry of `FLOWS6`, in batches.
@@ -692,10 +696,13 @@ impl Dataplane {
 
     /// The `STATS` counters summed over CPUs, indexed by `lb_common::stat`.
     pub fn stats(&mut self) -> anyhow::Result<Vec<u64>> {
+        (0..stat::COUNT).map(|i| self.stat(i)).collect()
+    }
+
+    /// One `STATS` counter (an `lb_common::stat` index), summed over CPUs.
+    pub fn stat(&mut self, index: u32) -> anyhow::Result<u64> {
         let st: PerCpuArray<&mut MapData, u64> = PerCpuArray::try_from(self.map(maps::STATS)?)?;
-        (0..stat::COUNT)
-            .map(|i| Ok(st.get(&i, 0)?.iter().sum()))
-            .collect()
+        Ok(st.get(&index, 0)?.iter().sum())
     }
 
     /// How many of the kernel's lost ring-buffer records are in `loss` records already.

@@ -758,16 +758,14 @@ fn access_rules_longest_prefix_wins_and_deny_records_are_limited() {
         }
         assert!(events(&mut fx).is_empty(), "suppressed within the second");
         let second = Duration::from_secs(1).as_nanos() as u64;
+        let (taken, left) = fx.dp.take_unrecorded_denials(boot_ns(), second).unwrap();
         assert!(
-            fx.dp
-                .take_unrecorded_denials(boot_ns(), second)
-                .unwrap()
-                .is_empty(),
-            "not while the source's last record is recent"
+            taken.is_empty() && left,
+            "not while the source's last record is recent, but left for later"
         );
         let now = boot_ns();
-        let taken = fx.dp.take_unrecorded_denials(now, 0).unwrap();
-        assert_eq!(taken.len(), 1, "{taken:?}");
+        let (taken, left) = fx.dp.take_unrecorded_denials(now, 0).unwrap();
+        assert_eq!((taken.len(), left), (1, false), "{taken:?}");
         let (key, st) = taken[0];
         assert_eq!(addr(key.addr, key.af, 0), "10.1.2.5:0");
         assert_eq!(key.service_id, fx.services[0].id);
@@ -776,11 +774,9 @@ fn access_rules_longest_prefix_wins_and_deny_records_are_limited() {
             (5, deny_reason::ACL, deny_rule.id, lb_common::PROTO_TCP)
         );
         assert!(st.last_refusal_ns > ev[0].ts_ns && st.last_refusal_ns <= now);
-        assert!(
-            fx.dp
-                .take_unrecorded_denials(boot_ns(), 0)
-                .unwrap()
-                .is_empty(),
+        assert_eq!(
+            fx.dp.take_unrecorded_denials(boot_ns(), 0).unwrap(),
+            (vec![], false),
             "taken once"
         );
         // The entry is back, as of the daemon's record: the next refusal is suppressed again.
@@ -792,7 +788,7 @@ fn access_rules_longest_prefix_wins_and_deny_records_are_limited() {
             events(&mut fx).is_empty(),
             "suppressed after the daemon's record"
         );
-        let taken = fx.dp.take_unrecorded_denials(boot_ns(), 0).unwrap();
+        let (taken, _) = fx.dp.take_unrecorded_denials(boot_ns(), 0).unwrap();
         assert_eq!(taken.iter().map(|(_, st)| st.suppressed).sum::<u64>(), 1);
         assert_eq!(
             fx.dp.rule_hits(8).unwrap()[deny_rule.id as usize],
