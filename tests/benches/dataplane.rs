@@ -9,9 +9,9 @@
 //! rewrites persist between runs. The steady-state paths are therefore measured on flows whose
 //! rewrite is the identity (VIP = backend, client address and port = SNAT address and port),
 //! so each run does the full work (lookups, checksum updates, counters, redirect) on the same
-//! bytes, in rounds that each run the floor and then every such row. A new flow cannot repeat on one buffer: that row runs N distinct SYNs once each and
-//! averages the kernel-measured durations, against the pass program run on the same frames in
-//! alternating batches.
+//! bytes, in rounds that each run the floor and then every such row. A new flow cannot repeat
+//! on one buffer: that row runs N distinct SYNs once each and averages the kernel-measured
+//! durations, against the pass program run on the same frames in alternating batches.
 
 use std::{net::IpAddr, time::Duration};
 
@@ -357,7 +357,7 @@ fn measure(repeat: u32, conntrack: u32) -> Vec<Row> {
     };
     let (pass_each, new_ns, new_batches) = side_by_side(&mut dp2, n, syn, XDP_REDIRECT, &mut drain);
     drain(&mut dp2);
-    let lost = dp2.stats().unwrap()[lb_common::stat::RINGBUF_LOSS as usize];
+    let lost = dp2.stat(lb_common::stat::RINGBUF_LOSS).unwrap();
     assert_eq!(
         (records, lost),
         (n as u64, 0),

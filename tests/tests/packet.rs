@@ -194,7 +194,7 @@ fn events(fx: &mut Fixture) -> Vec<ConnEvent> {
 }
 
 fn stat_of(fx: &mut Fixture, index: u32) -> u64 {
-    fx.dp.stats().unwrap()[index as usize]
+    fx.dp.stat(index).unwrap()
 }
 
 fn addr(words: [u32; 4], af: u8, port: u16) -> String {
