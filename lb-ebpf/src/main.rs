@@ -1248,29 +1248,39 @@ fn take_token(key: &FlowKey, svc: &ServiceInfo, now: u64) -> bool {
             }
         }
         None => {
-            let mut s = SourceState {
-                tokens_micro: cap - TOKEN,
-                refill_ns: now,
-                last_deny_record_ns: 1,
-                suppressed: 1,
-                last_refusal_ns: 1,
-                rule: 0,
-                reason: 0,
-                proto: 0,
-                _pad: 0,
-            };
-            // SAFETY: fields of a local value.
-            unsafe {
-                zero(&raw mut s.last_deny_record_ns);
-                zero(&raw mut s.suppressed);
-                zero(&raw mut s.last_refusal_ns);
-            }
-            // By reference: by value it would be copied again on the stack.
-            #[allow(clippy::needless_borrows_for_generic_args)]
-            let _ = SOURCES.insert(skey, &s, BPF_ANY as u64);
+            insert_source(skey, cap - TOKEN, now, 0);
             true
         }
     }
+}
+
+/// Makes `skey`'s `SOURCES` entry: a token bucket holding `tokens_micro` as of `refill_ns`, a
+/// deny record as of `last_deny_record_ns`, nothing suppressed.
+#[inline(always)]
+fn insert_source(skey: &SourceKey, tokens_micro: u64, refill_ns: u64, last_deny_record_ns: u64) {
+    let mut s = SourceState {
+        tokens_micro: 1,
+        refill_ns: 1,
+        last_deny_record_ns: 1,
+        suppressed: 1,
+        last_refusal_ns: 1,
+        rule: 0,
+        reason: 0,
+        proto: 0,
+        _pad: 0,
+    };
+    // SAFETY: fields of a local value. Volatile: consecutive zero stores would otherwise become
+    // a call to a byte-loop `memset`.
+    unsafe {
+        core::ptr::write_volatile(&raw mut s.tokens_micro, tokens_micro);
+        core::ptr::write_volatile(&raw mut s.refill_ns, refill_ns);
+        core::ptr::write_volatile(&raw mut s.last_deny_record_ns, last_deny_record_ns);
+        zero(&raw mut s.suppressed);
+        zero(&raw mut s.last_refusal_ns);
+    }
+    // By reference: by value it would be copied again on the stack.
+    #[allow(clippy::needless_borrows_for_generic_args)]
+    let _ = SOURCES.insert(skey, &s, BPF_ANY as u64);
 }
 
 /// Refuses a new flow: counted always, recorded at most once per source per second (the
@@ -1311,27 +1321,7 @@ fn deny(pkt: &Packet, svc: &ServiceInfo, reason: u8, rule: u32) -> u32 {
             n
         }
         None => {
-            let mut s = SourceState {
-                tokens_micro: 1,
-                refill_ns: 1,
-                last_deny_record_ns: now,
-                suppressed: 1,
-                last_refusal_ns: 1,
-                rule: 0,
-                reason: 0,
-                proto: 0,
-                _pad: 0,
-            };
-            // SAFETY: fields of a local value.
-            unsafe {
-                zero(&raw mut s.tokens_micro);
-                zero(&raw mut s.refill_ns);
-                zero(&raw mut s.suppressed);
-                zero(&raw mut s.last_refusal_ns);
-            }
-            // By reference: by value it would be copied again on the stack.
-            #[allow(clippy::needless_borrows_for_generic_args)]
-            let _ = SOURCES.insert(skey, &s, BPF_ANY as u64);
+            insert_source(skey, 0, 0, now);
             0
         }
     };

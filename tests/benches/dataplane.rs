@@ -2,8 +2,9 @@
 //! namespace of its own, against a program that only returns XDP_PASS (the floor on this
 //! machine), all in one run.
 //!
-//! `cargo bench -p lb-tests --bench dataplane [-- --repeat N] [--conntrack N]` (or `cargo xtask
-//! bench --dataplane`); `--conntrack` sizes the new-flow row's table (default 65536).
+//! `cargo bench -p lb-tests --bench dataplane [-- --repeat N] [--conntrack N] [--new-flow-only]`
+//! (or `cargo xtask bench --dataplane`); `--conntrack` sizes the new-flow row's table (default
+//! 65536); `--new-flow-only` measures only the new-flow row (and its floor), for profiles of it.
 //!
 //! BPF_PROG_TEST_RUN's `repeat` runs the program N times on the same buffer, and the program's
 //! rewrites persist between runs. The steady-state paths are therefore measured on flows whose
@@ -57,7 +58,16 @@ fn main() {
         "sysctl -qw net.ipv4.ip_forward=1 && ip link add d0 type veth peer name d1 && ip link set d1 up && ip addr add 10.0.2.1/24 dev d0 && ip link set d0 up && \
          for i in 2 3 4 5 6; do ip neigh add 10.0.2.$i lladdr 02:00:00:00:02:0$i dev d0 nud permanent; done",
     );
-    let rows = ns.enter(|| measure(repeat, conntrack));
+    let new_flow_only = args.iter().any(|a| a == "--new-flow-only");
+    let rows = ns.enter(|| {
+        let mut rows = if new_flow_only {
+            Vec::new()
+        } else {
+            established_rows(repeat)
+        };
+        rows.extend(new_flow_rows(repeat, conntrack));
+        rows
+    });
     println!("\nper-packet cost through BPF_PROG_TEST_RUN ({repeat} runs per row)\n");
     println!("| path | ns/packet | × floor | target |");
     println!("|---|---:|---:|---|");
@@ -235,7 +245,8 @@ fn end(ip: &str, port: u16) -> End {
     }
 }
 
-fn measure(repeat: u32, conntrack: u32) -> Vec<Row> {
+/// The rows of flows that exist: steady state, and segments that each carry new bytes.
+fn established_rows(repeat: u32) -> Vec<Row> {
     // Identity-rewrite flows: the SNAT range is the one port the client uses.
     let mut deny = service("ssh", Proto::Tcp, "10.0.2.4:22", "10.0.2.4:22");
     deny.deny = vec!["10.0.2.0/24".parse().unwrap()];
@@ -328,6 +339,31 @@ fn measure(repeat: u32, conntrack: u32) -> Vec<Row> {
         "every advancing segment counted once: {bytes}"
     );
 
+    vec![
+        steady(0, "XDP_PASS program (floor)", ""),
+        steady(1, "established TCP forward", "≤ 3×"),
+        steady(2, "reply (reverse NAT)", "≤ 3×"),
+        steady(3, "UDP forward", "≤ 3×"),
+        steady(4, "ACL deny", ""),
+        Row {
+            name: "XDP_PASS program, one run per call, TCP segments (floor)",
+            ns: pass_seg,
+            ratio: 1.0,
+            target: "",
+            spread: None,
+        },
+        Row {
+            name: "established TCP forward, new bytes in every segment, one run per call",
+            ns: advancing,
+            ratio: advancing / pass_seg,
+            target: "",
+            spread: Some(quartiles(advancing_batches)),
+        },
+    ]
+}
+
+/// The new-flow row and its floor.
+fn new_flow_rows(repeat: u32, conntrack: u32) -> Vec<Row> {
     // New flows: distinct SYNs, once each. Between batches of 8192 (outside the measured
     // time) the ring buffer is drained, as the daemon does, and the flows are removed, as they
     // would close: the SNAT port space towards one backend (64k ports) stays far from full.
@@ -365,25 +401,6 @@ fn measure(repeat: u32, conntrack: u32) -> Vec<Row> {
     );
 
     vec![
-        steady(0, "XDP_PASS program (floor)", ""),
-        steady(1, "established TCP forward", "≤ 3×"),
-        steady(2, "reply (reverse NAT)", "≤ 3×"),
-        steady(3, "UDP forward", "≤ 3×"),
-        steady(4, "ACL deny", ""),
-        Row {
-            name: "XDP_PASS program, one run per call, TCP segments (floor)",
-            ns: pass_seg,
-            ratio: 1.0,
-            target: "",
-            spread: None,
-        },
-        Row {
-            name: "established TCP forward, new bytes in every segment, one run per call",
-            ns: advancing,
-            ratio: advancing / pass_seg,
-            target: "",
-            spread: Some(quartiles(advancing_batches)),
-        },
         Row {
             name: "XDP_PASS program, one run per call (floor)",
             ns: pass_each,

@@ -117,6 +117,7 @@ fn parse_args() -> Result<Opts> {
             "--repeat" | "--conntrack" | "--records" => {
                 val()?;
             }
+            "--new-flow-only" => {}
             other => eprintln!("peers bench: ignoring unknown argument {other}"),
         }
         i += 1;

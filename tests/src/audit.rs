@@ -49,6 +49,12 @@ pub fn of_kind<'a>(records: &'a [Value], kind: &str) -> Vec<&'a Value> {
     records.iter().filter(|r| r["kind"] == kind).collect()
 }
 
+/// How many refusals a `conn_deny` record stands for: itself and those it says the program
+/// suppressed (`None` without a `suppressed` field).
+pub fn refusals(deny: &Value) -> Option<u64> {
+    deny["suppressed"].as_u64().map(|n| 1 + n)
+}
+
 /// A directory under the system's temporary directory, removed on drop.
 #[derive(Debug)]
 pub struct TempDir {

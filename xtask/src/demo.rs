@@ -561,7 +561,7 @@ fn check_story(log: &[Value]) -> Result<()> {
                             c == INTRUDER_IP || c.starts_with(&format!("{INTRUDER_IP}:"))
                         })
                 })
-                .map(|r| 1 + r["suppressed"].as_u64().unwrap_or(0) as usize)
+                .map(|r| lb_tests::audit::refusals(r).unwrap_or(1) as usize)
                 .sum(),
         ),
         (
