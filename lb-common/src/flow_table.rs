@@ -11,7 +11,7 @@
 //! words (two cache lines) followed by `WAYS` slots (key and `Flow`); a lookup compares the
 //! tags of both buckets and the key of a slot whose tag matches. A new entry goes to the
 //! emptier of its two buckets (the "power of two choices" keeps buckets even: with
-//! `buckets_for`'s two thirds load at a full table no bucket overflows in practice).
+//! `buckets_for`'s five eighths load at a full table no bucket overflows in practice).
 //!
 //! A tag word's low two bits are its slot's state (`EMPTY`, `PENDING`, `LIVE`); the other
 //! bits are the key's tag. An insert holds the lock of its key's first bucket (taken by a
@@ -21,6 +21,15 @@
 //! and publishes it by a compare-and-swap to `LIVE`. Readers take `LIVE` slots only. Removal is
 //! a compare-and-swap from the `LIVE` tag to `EMPTY`, by the program or by the daemon through
 //! the mapping, without the lock.
+//!
+//! Both entries of a connection live in the buckets of its forward (client) key, so that
+//! opening it touches one pair of random buckets, not two. The reply entry is found through
+//! `CLAIMS4`, an array of claim words indexed by the reply key (`claim_of`): the backend, SNAT
+//! address and protocol choose where a run of words starts, the SNAT port the word in it. A
+//! new flow reserves its SNAT port by a compare-and-swap of that word from `UNCLAIMED` to
+//! `CLAIMED` (so two live flows never share a reply key), inserts both entries, and then
+//! stores `placed(bucket)`, the bucket of its reply entry. Removing a reply entry empties its
+//! slot first and then releases its word, so a word is never free while its entry is live.
 use crate::{Flow, FlowKey4};
 
 /// Slots per bucket.
@@ -31,6 +40,55 @@ pub const EMPTY: u64 = 0;
 pub const PENDING: u64 = 1;
 pub const LIVE: u64 = 2;
 pub const STATE_MASK: u64 = 3;
+
+/// Claim words (`CLAIMS4`) for `conntrack_size` connections: a power of two, four times as
+/// many, so that a SNAT port a new flow asks for is taken by another flow's word (of another
+/// backend's run) at most a quarter of the time at a full table.
+pub const fn claims_for(conntrack_size: u32) -> u32 {
+    let n = conntrack_size as u64 * 4;
+    if n <= 1 {
+        1
+    } else if n >= 1 << 31 {
+        1 << 31
+    } else {
+        n.next_power_of_two() as u32
+    }
+}
+
+/// Claim word states: free; reserved by a flow being opened; `placed`.
+pub const UNCLAIMED: u64 = 0;
+pub const CLAIMED: u64 = 1;
+const PLACED: u64 = 3;
+
+/// The claim word of a flow whose reply entry is in bucket `bucket`.
+#[inline(always)]
+pub const fn placed(bucket: u32) -> u64 {
+    (bucket as u64) << 32 | PLACED
+}
+
+/// The bucket of the reply entry a claim word points to, if it is `placed`.
+#[inline(always)]
+pub const fn placed_bucket(word: u64) -> Option<u32> {
+    if word & PLACED == PLACED {
+        Some((word >> 32) as u32)
+    } else {
+        None
+    }
+}
+
+/// The `CLAIMS4` word (of `claims`, a power of two) of the reply key `key`: its SNAT port's
+/// word in the run of its backend, SNAT address and protocol. Distinct ports of one run have
+/// distinct words (up to `claims` ports).
+#[inline(always)]
+pub fn claim_of(key: &FlowKey4, seed: u64, claims: u32) -> u32 {
+    let [w0, w1] = key_words(key);
+    // The destination port (the SNAT port) is bits 16..32 of the second word.
+    let port = u16::from_be((w1 >> 16) as u16) as u32;
+    let mut h = (w0 ^ seed.rotate_left(32)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    h = (h ^ (h >> 29) ^ (w1 & !0xffff_0000)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 32;
+    (h as u32).wrapping_add(port) & claims.wrapping_sub(1)
+}
 
 /// One entry: a direction of a connection.
 #[repr(C)]
@@ -51,9 +109,10 @@ pub struct Bucket {
     pub slots: [Slot; WAYS],
 }
 
-/// Buckets for `conntrack_size` connections (two entries each) at two thirds load.
+/// Buckets for `conntrack_size` connections (two entries each, in the buckets of one key) at
+/// five eighths load.
 pub const fn buckets_for(conntrack_size: u32) -> u32 {
-    let b = (conntrack_size as u64 * 2 * 3).div_ceil(2 * WAYS as u64);
+    let b = (conntrack_size as u64 * 2 * 8).div_ceil(5 * WAYS as u64);
     if b == 0 {
         1
     } else if b > u32::MAX as u64 {
@@ -175,22 +234,23 @@ mod tests {
             max = max.max(load[b as usize]);
             placed.push(b);
         };
+        // Both entries of a connection are placed by its client key.
         let mut all = keys(2 * conntrack);
-        for pair in all.by_ref().take(conntrack as usize) {
-            for k in &pair {
-                insert(k, &mut load, &mut placed);
+        for [client, _] in all.by_ref().take(conntrack as usize) {
+            for _ in 0..2 {
+                insert(&client, &mut load, &mut placed);
             }
         }
         // Churn: close a pseudo-random connection's two entries, open the next one.
         let mut x = 0x9e37_79b9u64;
-        for pair in all {
-            for k in &pair {
+        for [client, _] in all {
+            for _ in 0..2 {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
                 let j = (x % placed.len() as u64) as usize;
                 load[placed.swap_remove(j) as usize] -= 1;
-                insert(k, &mut load, &mut placed);
+                insert(&client, &mut load, &mut placed);
             }
         }
         assert_eq!(

@@ -45,6 +45,8 @@ pub mod maps {
     pub const MAGLEV: &str = "MAGLEV";
     /// IPv4 flows: the table of `flow_table`.
     pub const FLOWS4: &str = "FLOWS4";
+    /// Claim words of IPv4 reply keys (`flow_table::claim_of`).
+    pub const CLAIMS4: &str = "CLAIMS4";
     /// IPv6 flows, keyed by `FlowKey`.
     pub const FLOWS6: &str = "FLOWS6";
     pub const HOPS: &str = "HOPS";
@@ -517,12 +519,27 @@ pub struct Config {
     /// daemon adopting the data plane records only what came after (the program never reads
     /// it).
     pub ringbuf_loss_recorded: u64,
+    /// Words of `CLAIMS4` (`flow_table::claims_for` the connection capacity).
+    pub flow4_claims: u32,
+    /// Inclusive range, host byte order, of the SNAT ports any flow in `FLOWS4` may have: the
+    /// SNAT ranges of every daemon since the table was created. A key whose destination port
+    /// is outside it is no reply key, and its lookup skips `CLAIMS4`.
+    pub claimed_port_min: u16,
+    pub claimed_port_max: u16,
+    /// Moved by the daemon after each change to `SERVICES`: what the program has cached of a
+    /// service is good while this has not moved since.
+    pub services_version: u32,
+    pub _pad0: u32,
 }
 
 /// `Config::flags` bits.
 pub mod config_flags {
     /// The audit log cannot be written and the policy is fail-closed: refuse new flows.
     pub const REFUSE_NEW_FLOWS: u32 = 1;
+    /// The CPU keeps memory accesses in program order as other CPUs see them, but for loads
+    /// passing stores (x86-64's total store order): the program may publish with plain stores
+    /// (`flow_table`'s `publish`) and rely on the order of its loads (the service cache).
+    pub const TOTAL_STORE_ORDER: u32 = 2;
 }
 
 #[cfg(feature = "user")]
@@ -617,7 +634,7 @@ mod tests {
         assert_eq!(size_of::<Flow>(), 7 * 8 + 32 + 4 + 12 + 16 + 8);
         assert_eq!(size_of::<NextHop>(), 16);
         assert_eq!(size_of::<ConnEvent>(), 8 + 8 + 8 + 8 + 64 + 8 + 8 + 32);
-        assert_eq!(size_of::<Config>(), 32);
+        assert_eq!(size_of::<Config>(), 48);
         assert_eq!(size_of::<flow_table::Bucket>(), 16 * 8 + 15 * (16 + 128));
     }
 }

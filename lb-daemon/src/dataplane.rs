@@ -81,7 +81,7 @@ pub struct Dataplane {
 
 /// Bumped whenever the layout or meaning of a map's key or value changes, so that a daemon
 /// never adopts state written by an incompatible build.
-const STATE_LAYOUT: u32 = 5;
+const STATE_LAYOUT: u32 = 6;
 
 impl Dataplane {
     /// Loads the object and the XDP program into the kernel, without attaching it, and with
@@ -120,6 +120,7 @@ impl Dataplane {
         if adopted {
             for (map, want) in [
                 (maps::FLOWS4, flow_table::buckets_for(conntrack_size)),
+                (maps::CLAIMS4, flow_table::claims_for(conntrack_size)),
                 (maps::FLOWS6, 2 * conntrack_size),
                 (maps::MAGLEV, MAX_SERVICES * maglev_size),
             ] {
@@ -159,6 +160,7 @@ impl Dataplane {
         loader
             .map_max_entries(maps::MAGLEV, MAX_SERVICES * maglev_size)
             .map_max_entries(maps::FLOWS4, flow_table::buckets_for(conntrack_size))
+            .map_max_entries(maps::CLAIMS4, flow_table::claims_for(conntrack_size))
             .map_max_entries(maps::FLOWS6, 2 * conntrack_size);
         let names = map_names()?;
         if let Some(dir) = pins {
@@ -171,7 +173,7 @@ impl Dataplane {
             .context("loading the eBPF object")?;
         let prog: &mut Xdp = program(&mut ebpf)?;
         prog.load().context("loading the XDP program (verifier)")?;
-        let flows4 = flow_table4(&mut ebpf, flow_table::buckets_for(conntrack_size), adopted)?;
+        let flows4 = flow_table4(&mut ebpf, conntrack_size, adopted)?;
         Ok(Self {
             ebpf,
             state: None,
@@ -312,13 +314,29 @@ impl Dataplane {
         // The flow table's parameters, and what a previous daemon recorded of the kernel's
         // losses, carry over.
         let old = cfg.get(&0, 0)?;
+        // Flows of earlier daemons keep the ports they have: the ports a reply key may have
+        // grow to include this range.
+        let (claimed_port_min, claimed_port_max) = if old.claimed_port_max == 0 {
+            snat_ports
+        } else {
+            (
+                old.claimed_port_min.min(snat_ports.0),
+                old.claimed_port_max.max(snat_ports.1),
+            )
+        };
         cfg.set(
             0,
             Config {
                 snat_port_min: snat_ports.0,
                 snat_port_max: snat_ports.1,
                 maglev_size,
-                flags: 0,
+                flags: if cfg!(target_arch = "x86_64") {
+                    config_flags::TOTAL_STORE_ORDER
+                } else {
+                    0
+                },
+                claimed_port_min,
+                claimed_port_max,
                 ..old
             },
             0,
@@ -362,6 +380,7 @@ impl Dataplane {
         for k in svc.keys().filter_map(Result::ok).collect::<Vec<_>>() {
             let _ = svc.remove(&k);
         }
+        self.services_changed()?;
         let mut vips: HashMap<&mut MapData, VipKey, u32> =
             HashMap::try_from(self.map(maps::VIPS)?)?;
         for k in vips.keys().filter_map(Result::ok).collect::<Vec<_>>() {
@@ -398,6 +417,7 @@ impl Dataplane {
         let mut svc_map: HashMap<&mut MapData, ServiceKey, ServiceInfo> =
             HashMap::try_from(self.map(maps::SERVICES)?)?;
         let _ = svc_map.remove(&service_key(s));
+        self.services_changed()?;
         for r in &s.rules {
             self.set_rule(s.id, r, false)?;
         }
@@ -543,6 +563,16 @@ impl Dataplane {
             _pad: 0,
         };
         svc_map.insert(service_key(s), info, 0)?;
+        self.services_changed()
+    }
+
+    /// Moves `Config::services_version` after a change to `SERVICES`, so that the program's
+    /// cached copies of services are not used again.
+    fn services_changed(&mut self) -> anyhow::Result<()> {
+        let mut cfg: Array<&mut MapData, Config> = Array::try_from(self.map(maps::CONFIG)?)?;
+        let mut c = cfg.get(&0, 0)?;
+        c.services_version = c.services_version.wrapping_add(1);
+        cfg.set(0, c, 0)?;
         Ok(())
     }
 
@@ -965,9 +995,13 @@ impl std::hash::Hasher for KeyHasher {
     }
 }
 
-/// Maps `FLOWS4` of a loaded object. A new table (not `adopted`) gets its bucket count and a
-/// random hash seed in `CONFIG` first; an adopted one is hashed as its creator chose.
-fn flow_table4(ebpf: &mut Ebpf, buckets: u32, adopted: bool) -> anyhow::Result<FlowTable4> {
+/// Maps `FLOWS4` and `CLAIMS4` of a loaded object. A new table (not `adopted`) gets its sizes
+/// and a random hash seed in `CONFIG` first; an adopted one is hashed as its creator chose.
+fn flow_table4(ebpf: &mut Ebpf, conntrack_size: u32, adopted: bool) -> anyhow::Result<FlowTable4> {
+    let (buckets, claims) = (
+        flow_table::buckets_for(conntrack_size),
+        flow_table::claims_for(conntrack_size),
+    );
     let mut cfg: Array<&mut MapData, Config> = Array::try_from(map(ebpf, maps::CONFIG)?)?;
     let mut c = cfg.get(&0, 0)?;
     // An adopted table without parameters was created by a daemon that stopped before it
@@ -984,18 +1018,24 @@ fn flow_table4(ebpf: &mut Ebpf, buckets: u32, adopted: bool) -> anyhow::Result<F
         }
         c.flow4_seed = u64::from_ne_bytes(seed);
         c.flow4_buckets = buckets;
+        c.flow4_claims = claims;
         cfg.set(0, c, 0)?;
-    } else if c.flow4_buckets != buckets {
+    } else if (c.flow4_buckets, c.flow4_claims) != (buckets, claims) {
         bail!(
-            "the adopted flow table has {} buckets, its configuration says {buckets}",
-            c.flow4_buckets
+            "the adopted flow table has {} buckets and {} claim words, its configuration says {buckets} and {claims}",
+            c.flow4_buckets,
+            c.flow4_claims
         );
     }
-    let aya::maps::Map::Array(data) = map(ebpf, maps::FLOWS4)? else {
-        bail!("map {} is not an array", maps::FLOWS4);
+    let fd = |ebpf: &'_ mut Ebpf, name| -> anyhow::Result<std::os::fd::OwnedFd> {
+        let aya::maps::Map::Array(data) = map(ebpf, name)? else {
+            bail!("map {name} is not an array");
+        };
+        Ok(data.fd().as_fd().try_clone_to_owned()?)
     };
     use std::os::fd::AsFd as _;
-    FlowTable4::map(data.fd().as_fd(), buckets, c.flow4_seed)
+    let (table, words) = (fd(ebpf, maps::FLOWS4)?, fd(ebpf, maps::CLAIMS4)?);
+    FlowTable4::map(table.as_fd(), buckets, c.flow4_seed, words.as_fd(), claims)
 }
 
 fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {
@@ -1254,25 +1294,27 @@ mod tests {
                 last_seen_ns: i as u64,
                 dir: flow_dir::FORWARD,
                 nat_src: [0x0a00_0201, 0, 0, 0],
-                nat_dst: [i.wrapping_mul(7), 0, 0, 0],
+                // One backend: distinct SNAT ports have distinct claim words.
+                nat_dst: [0x0a00_0302, 0, 0, 0],
                 nat_sport: (i as u16).wrapping_add(1),
                 nat_dport: 80u16.to_be(),
                 ..Flow::default()
             };
-            assert!(dp.flows4.insert(&key, &flow));
             written.push((key, flow.flow_id, flow.dir));
             // Every other connection has its reply entry too (same flow id, as the program
             // writes it; its packet count marks it).
+            let peer = FlowKey4::of(&flow.peer_key(key.proto, AF_INET));
+            let reply = Flow {
+                flow_id: i as u64,
+                packets: (1 << 32) | i as u64,
+                dir: flow_dir::REPLY,
+                ..Flow::default()
+            };
             if i % 2 == 0 {
-                let peer = FlowKey4::of(&flow.peer_key(key.proto, AF_INET));
-                let reply = Flow {
-                    flow_id: i as u64,
-                    packets: (1 << 32) | i as u64,
-                    dir: flow_dir::REPLY,
-                    ..Flow::default()
-                };
-                assert!(dp.flows4.insert(&peer, &reply));
+                assert!(dp.flows4.insert(&key, &flow, Some((&peer, &reply))));
                 written.push((peer, reply.flow_id, reply.dir));
+            } else {
+                assert!(dp.flows4.insert(&key, &flow, None));
             }
         }
         let mut read: Vec<(FlowKey4, u64, u8)> = dp
@@ -1324,7 +1366,7 @@ mod tests {
         assert!(!dp.close_flow(&stale));
         dp.remove_flow(&stale).unwrap();
         assert_eq!(dp.flows().unwrap().len(), 10_000);
-        // Removal finds both entries by their keys' hash.
+        // Removal finds both entries, the reply entry through its claim word.
         for p in pairs.iter().filter(|p| p.fwd.flow_id % 4 == 0) {
             dp.remove_flow(p).unwrap();
         }
@@ -1332,5 +1374,23 @@ mod tests {
         assert_eq!(left.len(), 7_500);
         assert!(left.iter().all(|p| p.fwd.flow_id % 4 != 0));
         assert_eq!(dp.flows4.entries().len(), written.len() - 2 * 2_500);
+        // A removed reply entry's claim word is free again (its SNAT port with it); a live
+        // one's is not.
+        let claim_of = |p: &FlowPair| {
+            let peer = FlowKey4::of(&p.fwd.peer_key(p.key.proto, AF_INET));
+            (FlowKey4::of(&p.key), p.fwd, peer, p.rev.unwrap())
+        };
+        let (removed, live) = (
+            pairs.iter().find(|p| p.fwd.flow_id == 4).unwrap(),
+            pairs.iter().find(|p| p.fwd.flow_id == 6).unwrap(),
+        );
+        let (key, fwd, peer, rev) = claim_of(removed);
+        assert!(dp.flows4.insert(&key, &fwd, Some((&peer, &rev))));
+        let (key, fwd, peer, rev) = claim_of(live);
+        let other = FlowKey4 {
+            src: !key.src,
+            ..key
+        };
+        assert!(!dp.flows4.insert(&other, &fwd, Some((&peer, &rev))));
     }
 }

@@ -1,7 +1,8 @@
-//! The daemon's side of `FLOWS4`, the IPv4 flow table (layout and claim protocol in
-//! `lb_common::flow_table`): a shared mapping of the kernel's array, read slot by slot and
-//! edited with the same compare-and-swaps of tag words the program uses. A sweep reads it
-//! without a system call, and a removal cannot undo a slot the program has since reused.
+//! The daemon's side of `FLOWS4`, the IPv4 flow table, and of `CLAIMS4`, its reply keys' claim
+//! words (layout and protocols in `lb_common::flow_table`): shared mappings of the kernel's
+//! arrays, read slot by slot and edited with the same compare-and-swaps the program uses. A
+//! sweep reads the table without a system call, and a removal cannot undo a slot the program
+//! has since reused.
 
 use std::{
     os::fd::BorrowedFd,
@@ -9,17 +10,31 @@ use std::{
 };
 
 use lb_common::{
-    Flow, FlowKey4, flow_state,
-    flow_table::{Bucket, EMPTY, LIVE, Place, STATE_MASK, Slot, WAYS, key_words},
+    Flow, FlowKey4, flow_dir, flow_state,
+    flow_table::{
+        Bucket, EMPTY, LIVE, Place, STATE_MASK, Slot, UNCLAIMED, WAYS, claim_of, key_words,
+        placed_bucket,
+    },
 };
 
 use crate::mapping::{Mapping, page_size};
 
-/// `FLOWS4`, mapped into this process.
+/// `FLOWS4` and `CLAIMS4`, mapped into this process.
 pub struct FlowTable4 {
     mapping: Mapping,
     buckets: u32,
     seed: u64,
+    claims: Mapping,
+    claim_count: u32,
+}
+
+/// A live slot found by key: its tag word and the word's value, the slot, and, when it was
+/// found through a claim word, that word and its value.
+struct Found<'a> {
+    tag: &'a AtomicU64,
+    live: u64,
+    slot: *mut Slot,
+    claim: Option<(&'a AtomicU64, u64)>,
 }
 
 // SAFETY: the mapping is shared memory owned by this value; it is only accessed through
@@ -46,15 +61,44 @@ fn prefetch_tags(b: *const Bucket) {
 }
 
 impl FlowTable4 {
-    /// Maps the array `fd`, of `buckets` buckets hashed with `seed`, read-write and shared.
-    pub fn map(fd: BorrowedFd<'_>, buckets: u32, seed: u64) -> anyhow::Result<Self> {
+    /// Maps the arrays `table`, of `buckets` buckets hashed with `seed`, and `claims`, of
+    /// `claim_count` words, read-write and shared.
+    pub fn map(
+        table: BorrowedFd<'_>,
+        buckets: u32,
+        seed: u64,
+        claims: BorrowedFd<'_>,
+        claim_count: u32,
+    ) -> anyhow::Result<Self> {
         // A BPF_F_MMAPABLE array's values, rounded up to a page, from offset 0.
-        let len = (buckets as usize * size_of::<Bucket>()).next_multiple_of(page_size());
+        let len = |n: usize, size: usize| (n * size).next_multiple_of(page_size());
         Ok(Self {
-            mapping: Mapping::new(fd, 0, len, true, "the IPv4 flow table")?,
+            mapping: Mapping::new(
+                table,
+                0,
+                len(buckets as usize, size_of::<Bucket>()),
+                true,
+                "the IPv4 flow table",
+            )?,
             buckets,
             seed,
+            claims: Mapping::new(
+                claims,
+                0,
+                len(claim_count as usize, size_of::<u64>()),
+                true,
+                "the IPv4 claim words",
+            )?,
+            claim_count,
         })
+    }
+
+    /// The claim word of the reply key `key`.
+    fn claim(&self, key: &FlowKey4) -> &AtomicU64 {
+        let i = claim_of(key, self.seed, self.claim_count);
+        // SAFETY: `claim_of` is below the word count, so the aligned word is inside the
+        // mapping; the program changes it only atomically.
+        unsafe { AtomicU64::from_ptr(self.claims.ptr().cast::<u64>().add(i as usize)) }
     }
 
     fn bucket(&self, index: u32) -> *mut Bucket {
@@ -99,61 +143,100 @@ impl FlowTable4 {
 
     /// The live entry of `key` that belongs to flow `flow_id`, read as `entries` reads one.
     pub fn get(&self, key: &FlowKey4, flow_id: u64) -> Option<Flow> {
-        let (t, slot, live) = self.find(key, flow_id)?;
+        let f = self.find(key, flow_id)?;
         // SAFETY: a slot inside the mapping, read with a volatile copy and checked below, as
         // in `entries`.
-        let flow = unsafe { std::ptr::read_volatile(&raw const (*slot).flow) };
+        let flow = unsafe { std::ptr::read_volatile(&raw const (*f.slot).flow) };
         fence(Ordering::Acquire);
-        (t.load(Ordering::Relaxed) == live).then_some(flow)
+        (f.tag.load(Ordering::Relaxed) == f.live).then_some(flow)
     }
 
-    /// The live slot of `key` whose entry belongs to flow `flow_id`: its tag word and value,
-    /// and the tag word's value.
-    fn find(&self, key: &FlowKey4, flow_id: u64) -> Option<(&AtomicU64, *mut Slot, u64)> {
+    /// The live slot of `key` whose entry belongs to flow `flow_id`: in the bucket of its claim
+    /// word when that is `placed` (a reply entry), else in its own two buckets.
+    fn find(&self, key: &FlowKey4, flow_id: u64) -> Option<Found<'_>> {
         let p = Place::of(key, self.seed, self.buckets);
-        let words = key_words(key);
-        for b in [p.first, p.second] {
-            let bucket = self.bucket(b);
-            for i in 0..WAYS {
-                let t = self.tag(bucket, i);
-                if t.load(Ordering::Acquire) != p.tag | LIVE {
-                    continue;
-                }
-                // SAFETY: a slot inside the mapping, whose key and flow id are fixed while it
-                // is live.
-                let slot = unsafe { &raw mut (*bucket).slots[i] };
-                // SAFETY: as above.
-                let (k, id) = unsafe {
-                    (
-                        std::ptr::read_volatile(&raw const (*slot).key),
-                        std::ptr::read_volatile(&raw const (*slot).flow.flow_id),
-                    )
-                };
-                if key_words(&k) == words && id == flow_id {
-                    return Some((t, slot, p.tag | LIVE));
-                }
-            }
+        let claim = self.claim(key);
+        let word = claim.load(Ordering::Acquire);
+        if let Some(b) = placed_bucket(word).filter(|&b| b < self.buckets)
+            && let Some((tag, slot)) = self.find_in(b, key, p.tag | LIVE, flow_id)
+        {
+            return Some(Found {
+                tag,
+                live: p.tag | LIVE,
+                slot,
+                claim: Some((claim, word)),
+            });
         }
-        None
+        [p.first, p.second].into_iter().find_map(|b| {
+            let (tag, slot) = self.find_in(b, key, p.tag | LIVE, flow_id)?;
+            Some(Found {
+                tag,
+                live: p.tag | LIVE,
+                slot,
+                claim: None,
+            })
+        })
+    }
+
+    /// The slot of bucket `b` whose tag word is `live`, key `key` and flow id `flow_id`.
+    fn find_in(
+        &self,
+        b: u32,
+        key: &FlowKey4,
+        live: u64,
+        flow_id: u64,
+    ) -> Option<(&AtomicU64, *mut Slot)> {
+        let bucket = self.bucket(b);
+        (0..WAYS).find_map(|i| {
+            let t = self.tag(bucket, i);
+            if t.load(Ordering::Acquire) != live {
+                return None;
+            }
+            // SAFETY: a slot inside the mapping, whose key and flow id are fixed while it is
+            // live.
+            let slot = unsafe { &raw mut (*bucket).slots[i] };
+            // SAFETY: as above.
+            let (k, id) = unsafe {
+                (
+                    std::ptr::read_volatile(&raw const (*slot).key),
+                    std::ptr::read_volatile(&raw const (*slot).flow.flow_id),
+                )
+            };
+            (key_words(&k) == key_words(key) && id == flow_id).then_some((t, slot))
+        })
     }
 
     /// Removes the entry of `key` if it still belongs to flow `flow_id` (the program may have
-    /// reopened the 5-tuple since it was read); whether it did.
+    /// reopened the 5-tuple since it was read); whether it did. A reply entry's claim word is
+    /// released after it, as the program does.
     pub fn remove(&self, key: &FlowKey4, flow_id: u64) -> bool {
-        self.find(key, flow_id).is_some_and(|(t, _, live)| {
-            t.compare_exchange(live, EMPTY, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-        })
+        let Some(f) = self.find(key, flow_id) else {
+            return false;
+        };
+        // SAFETY: a field of a live slot inside the mapping, fixed while it is live.
+        let reply =
+            unsafe { std::ptr::read_volatile(&raw const (*f.slot).flow.dir) } == flow_dir::REPLY;
+        let removed = f
+            .tag
+            .compare_exchange(f.live, EMPTY, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok();
+        if removed
+            && reply
+            && let Some((claim, word)) = f.claim
+        {
+            let _ = claim.compare_exchange(word, UNCLAIMED, Ordering::AcqRel, Ordering::Relaxed);
+        }
+        removed
     }
 
     /// Sets `CLOSED` on the forward entry `key` of flow `flow_id`, as the program does when it
     /// closes a flow; whether this call set it (and so the caller writes the close record),
     /// rather than the program before it, or the entry being gone.
     pub fn mark_closed(&self, key: &FlowKey4, flow_id: u64) -> bool {
-        self.find(key, flow_id).is_some_and(|(_, slot, _)| {
+        self.find(key, flow_id).is_some_and(|f| {
             // SAFETY: an aligned u64 of a live slot inside the mapping, which the program
             // changes only atomically.
-            let state = unsafe { AtomicU64::from_ptr(&raw mut (*slot).flow.state) };
+            let state = unsafe { AtomicU64::from_ptr(&raw mut (*f.slot).flow.state) };
             state.fetch_or(flow_state::CLOSED, Ordering::AcqRel) & flow_state::CLOSED == 0
         })
     }
@@ -170,30 +253,43 @@ impl FlowTable4 {
             .is_ok()
     }
 
-    /// Inserts an entry as the program would, without its guard against concurrent inserts of
-    /// the same key (tests fill the table with it while no program runs).
+    /// Inserts a connection as the program would, without its guards against concurrent
+    /// inserts (tests fill the table with it while no program runs): the forward entry, and
+    /// the reply entry if given, both in the forward key's buckets, the reply key claimed.
     #[cfg(test)]
-    pub fn insert(&self, key: &FlowKey4, flow: &Flow) -> bool {
+    pub fn insert(&self, key: &FlowKey4, flow: &Flow, reply: Option<(&FlowKey4, &Flow)>) -> bool {
+        use lb_common::flow_table::placed;
         let p = Place::of(key, self.seed, self.buckets);
-        for b in [p.first, p.second] {
-            let bucket = self.bucket(b);
-            for i in 0..WAYS {
-                if self.tag(bucket, i).load(Ordering::Acquire) == EMPTY {
-                    // SAFETY: an empty slot inside the mapping.
-                    unsafe {
-                        std::ptr::write_volatile(
-                            &raw mut (*bucket).slots[i],
-                            Slot {
-                                key: *key,
-                                flow: *flow,
-                            },
-                        )
-                    };
-                    self.tag(bucket, i).store(p.tag | LIVE, Ordering::Release);
-                    return true;
+        let put = |k: &FlowKey4, f: &Flow| {
+            let tag = Place::of(k, self.seed, self.buckets).tag;
+            for b in [p.first, p.second] {
+                let bucket = self.bucket(b);
+                for i in 0..WAYS {
+                    if self.tag(bucket, i).load(Ordering::Acquire) == EMPTY {
+                        // SAFETY: an empty slot inside the mapping.
+                        unsafe {
+                            std::ptr::write_volatile(
+                                &raw mut (*bucket).slots[i],
+                                Slot { key: *k, flow: *f },
+                            )
+                        };
+                        self.tag(bucket, i).store(tag | LIVE, Ordering::Release);
+                        return Some(b);
+                    }
                 }
             }
+            None
+        };
+        if put(key, flow).is_none() {
+            return false;
         }
-        false
+        match reply {
+            None => true,
+            Some((rkey, rev)) => put(rkey, rev).is_some_and(|b| {
+                self.claim(rkey)
+                    .compare_exchange(UNCLAIMED, placed(b), Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+            }),
+        }
     }
 }

@@ -1,14 +1,18 @@
-//! `FLOWS4`, the IPv4 flow table: its layout and the claim protocol are in
-//! `lb_common::flow_table`. Lookups are inlined (array lookups are, by the verifier); inserts
-//! and removals are BPF functions of their own.
+//! `FLOWS4`, the IPv4 flow table, and `CLAIMS4`, the claim words that reserve SNAT ports and
+//! find reply entries: the layout and the protocols are in `lb_common::flow_table`. Lookups
+//! are inlined (array lookups are, by the verifier); inserts and removals are BPF functions of
+//! their own.
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
     maps::{Array, PerCpuArray},
 };
 use lb_common::{
-    CONNTRACK_MAX, Flow, FlowKey4,
-    flow_table::{Bucket, EMPTY, LIVE, PENDING, Place, Slot, WAYS, buckets_for, key_words},
+    CONNTRACK_MAX, Config, Flow, FlowKey4, config_flags, flow_dir,
+    flow_table::{
+        Bucket, CLAIMED, EMPTY, LIVE, PENDING, Place, Slot, UNCLAIMED, WAYS, buckets_for, claim_of,
+        claims_for, key_words, placed, placed_bucket,
+    },
 };
 
 use crate::{CONFIG, atomic};
@@ -16,6 +20,10 @@ use crate::{CONFIG, atomic};
 /// Sized by the daemon at load time (`buckets_for(--conntrack-size)`), and mapped by it.
 #[map]
 static FLOWS4: Array<Bucket> = Array::with_max_entries(buckets_for(CONNTRACK_MAX), BPF_F_MMAPABLE);
+
+/// Sized by the daemon at load time (`claims_for(--conntrack-size)`), and mapped by it.
+#[map]
+static CLAIMS4: Array<u64> = Array::with_max_entries(claims_for(CONNTRACK_MAX), BPF_F_MMAPABLE);
 
 /// Where `opaque` passes values through.
 #[map]
@@ -47,15 +55,36 @@ fn opaque_index(i: usize) -> Option<usize> {
 pub const E2BIG: i64 = 7;
 /// Another CPU was inserting into the same bucket at the same instant.
 pub const EAGAIN: i64 = 11;
-/// The key is in the table (and was not to be replaced).
-pub const EEXIST: i64 = 17;
 
 #[inline(always)]
-fn place(key: &FlowKey4) -> Option<Place> {
-    let cfg = CONFIG.get_ptr(0)?;
-    // SAFETY: array value, valid for the duration of this run.
-    let (seed, buckets) = unsafe { ((*cfg).flow4_seed, (*cfg).flow4_buckets) };
-    Some(Place::of(key, seed, buckets))
+fn config() -> Option<&'static Config> {
+    CONFIG.get(0)
+}
+
+#[inline(always)]
+fn place(key: &FlowKey4, cfg: &Config) -> Place {
+    Place::of(key, cfg.flow4_seed, cfg.flow4_buckets)
+}
+
+/// The claim word of the reply key `key`.
+#[inline(always)]
+fn claim_word(key: &FlowKey4, cfg: &Config) -> Option<*mut u64> {
+    CLAIMS4.get_ptr_mut(claim_of(key, cfg.flow4_seed, cfg.flow4_claims))
+}
+
+/// The claim word of `key` and what it holds, when `key` may be a reply key (its destination
+/// port is one a flow in the table may have as SNAT port) and the word is `placed`: the word,
+/// its value, and the bucket of the reply entry.
+#[inline(always)]
+fn placed_claim(key: &FlowKey4, cfg: &Config) -> Option<(*mut u64, u64, u32)> {
+    let port = u16::from_be(key.dport);
+    if port < cfg.claimed_port_min || port > cfg.claimed_port_max {
+        return None;
+    }
+    let c = claim_word(key, cfg)?;
+    // SAFETY: an aligned word of a live array value, changed only atomically.
+    let w = unsafe { atomic::load(c) };
+    Some((c, w, placed_bucket(w)?))
 }
 
 /// The slot of bucket `index` whose tag word is `tag` and whose key is `words`: its tag word
@@ -94,57 +123,101 @@ fn touch(b: *const Bucket) {
     unsafe { atomic::load(&raw const (*b).tags[0]) };
 }
 
-/// The live entry of `key`: the first bucket's tags, then the second's (loading the second
-/// from the start, in case).
+/// The live entry of `key`: in the bucket its claim word points to, when it is a reply key;
+/// else in the first bucket's tags, then the second's (loading the second from the start, in
+/// case).
 #[inline(always)]
 pub fn lookup(key: &FlowKey4) -> Option<*mut Flow> {
-    let p = place(key)?;
+    let cfg = config()?;
+    let p = place(key, cfg);
     let words = key_words(key);
     if let Some(b2) = FLOWS4.get_ptr(p.second) {
         touch(b2);
     }
-    let (_, s) =
-        find(p.first, p.tag | LIVE, &words).or_else(|| find(p.second, p.tag | LIVE, &words))?;
+    let live = p.tag | LIVE;
+    let (_, s) = placed_claim(key, cfg)
+        .and_then(|(_, _, b)| find(b, live, &words))
+        .or_else(|| find(p.first, live, &words))
+        .or_else(|| find(p.second, live, &words))?;
     // SAFETY: a slot of a live array value.
     Some(unsafe { &raw mut (*s).flow })
 }
 
-/// Starts loading the first tag lines of both of `key`'s buckets (see `touch`), for an access
-/// to come.
+/// Reserves the reply key `key` (a SNAT port towards a backend) for a flow about to be
+/// inserted with it (`insert_pair`): whether it was free.
 #[inline(always)]
-pub fn prefetch(key: &FlowKey4) {
-    let Some(p) = place(key) else {
-        return;
+pub fn claim(key: &FlowKey4) -> bool {
+    let Some(c) = config().and_then(|cfg| claim_word(key, cfg)) else {
+        return false;
     };
-    if let Some(b) = FLOWS4.get_ptr(p.first) {
-        touch(b);
-    }
-    if let Some(b) = FLOWS4.get_ptr(p.second) {
-        touch(b);
-    }
+    // SAFETY: an aligned word of a live array value, changed only atomically.
+    unsafe { atomic::load(c) == UNCLAIMED && atomic::cmpxchg(c, UNCLAIMED, CLAIMED) == UNCLAIMED }
 }
 
-/// Removes the entry of `key`, if any.
+/// Whether the reply key `key` is reserved by a flow.
+#[inline(always)]
+pub fn claimed(key: &FlowKey4) -> bool {
+    // SAFETY: an aligned word of a live array value.
+    config()
+        .and_then(|cfg| claim_word(key, cfg))
+        .is_some_and(|c| unsafe { atomic::load(c) } != UNCLAIMED)
+}
+
+/// Removes the entry of `key`, if any; a reply entry's claim word is released after it.
 #[inline(never)]
 pub fn remove(key: &FlowKey4) {
-    let Some(p) = place(key) else {
+    let Some(cfg) = config() else {
         return;
     };
+    let p = place(key, cfg);
     let words = key_words(key);
     let live = p.tag | LIVE;
+    if let Some((c, w, b)) = placed_claim(key, cfg)
+        && let Some((t, s)) = find(b, live, &words)
+    {
+        // SAFETY: an aligned tag word and a field fixed while the slot is live, of a live
+        // array value.
+        unsafe {
+            let reply = (*s).flow.dir == flow_dir::REPLY;
+            if atomic::cmpxchg(t, live, EMPTY) == live && reply {
+                atomic::cmpxchg(c, w, UNCLAIMED);
+            }
+        }
+        return;
+    }
     if let Some((t, _)) = find(p.first, live, &words).or_else(|| find(p.second, live, &words)) {
         // SAFETY: an aligned tag word of a live array value.
         unsafe { atomic::cmpxchg(t, live, EMPTY) };
     }
 }
 
-/// Inserts `flow` under `key`; an entry of `key` already there is removed first when
-/// `replace`, else the insert fails with `-EEXIST`. Returns 0 or the negative error.
+/// First half of inserting a new connection, whose forward key is `key` and whose reply key
+/// `rkey` the caller has claimed (`claim`): takes the lock of `key`'s first bucket, removes an
+/// entry of `key` already there (a closed flow's, whose 5-tuple is reused) and claims a slot
+/// for each entry, each in the emptier of `key`'s buckets. Returns `Slots`, with the lock
+/// still held, for `publish`; or the negative error, with the claim word released.
 #[inline(never)]
-pub fn insert(key: &FlowKey4, flow: &Flow, replace: bool) -> i64 {
-    let Some(p) = place(key) else {
+pub fn reserve_slots(key: &FlowKey4, rkey: &FlowKey4) -> i64 {
+    let Some(cfg) = config() else {
         return -E2BIG;
     };
+    let r = reserve_locked(key, rkey, cfg);
+    if r < 0
+        && let Some(c) = claim_word(rkey, cfg)
+    {
+        // SAFETY: an aligned word of a live array value, ours (`CLAIMED`).
+        unsafe { atomic::cmpxchg(c, CLAIMED, UNCLAIMED) };
+    }
+    r
+}
+
+/// Where `reserve_slots` put the two entries: the slot of each (bits 0..4 forward, 4..8
+/// reply) and whether it is in the second bucket (bit 8 forward, bit 9 reply).
+pub type Slots = i64;
+
+#[inline(always)]
+fn reserve_locked(key: &FlowKey4, rkey: &FlowKey4, cfg: &Config) -> i64 {
+    let p = place(key, cfg);
     let (Some(b1), Some(b2)) = (FLOWS4.get_ptr_mut(p.first), FLOWS4.get_ptr_mut(p.second)) else {
         return -E2BIG;
     };
@@ -155,58 +228,119 @@ pub fn insert(key: &FlowKey4, flow: &Flow, replace: bool) -> i64 {
     if unsafe { atomic::cmpxchg(lock, 0, 1) } != 0 {
         return -EAGAIN;
     }
-    let r = insert_locked(key, flow, replace, &p, b1, b2);
-    // SAFETY: as above. A plain store: the insert's last step, the compare-and-swap that
-    // publishes its slot, already ordered everything before it.
-    unsafe { core::ptr::write_volatile(lock, 0) };
-    r
-}
-
-/// `insert`, with the first bucket's lock held: no other CPU inserts this key meanwhile.
-#[inline(always)]
-fn insert_locked(
-    key: &FlowKey4,
-    flow: &Flow,
-    replace: bool,
-    p: &Place,
-    b1: *mut Bucket,
-    b2: *mut Bucket,
-) -> i64 {
     let words = key_words(key);
-    let free1 = match scan(b1, p, &words, replace) {
-        Ok(n) => n,
-        Err(e) => return e,
-    };
+    let free1 = scan(b1, &p, &words);
     let free2 = if p.second == p.first {
         0
     } else {
-        match scan(b2, p, &words, replace) {
-            Ok(n) => n,
-            Err(e) => return e,
-        }
+        scan(b2, &p, &words)
     };
     // The emptier bucket; its first free slot (inserts of other keys may be claiming too).
     let (free1, free2) = (opaque(free1 as u64), opaque(free2 as u64));
-    let b = if free2 > free1 { b2 } else { b1 };
-    let pending = p.tag | PENDING;
-    let mut claimed = WAYS;
+    let fwd_second = free2 > free1;
+    let fb = if fwd_second { b2 } else { b1 };
+    // Through `opaque`: one unknown value rather than one path per slot index.
+    let fi = opaque(claim_slot(fb, p.tag) as u64) as usize;
+    let (free1, free2) = if fwd_second {
+        (free1, free2.saturating_sub(1))
+    } else {
+        (free1.saturating_sub(1), free2)
+    };
+    let rev_second = free2 > free1;
+    let ri =
+        opaque(claim_slot(if rev_second { b2 } else { b1 }, place(rkey, cfg).tag) as u64) as usize;
+    if fi < WAYS && ri < WAYS {
+        let at = (fwd_second as usize) << 8 | (rev_second as usize) << 9;
+        return opaque((fi | ri << 4 | at) as u64) as Slots;
+    }
+    if let Some(fi) = opaque_index(fi) {
+        // SAFETY: the forward entry's claimed slot, ours: given back.
+        unsafe { atomic::cmpxchg(&raw mut (*fb).tags[fi], p.tag | PENDING, EMPTY) };
+    }
+    // SAFETY: as above; a plain store, after the compare-and-swaps.
+    unsafe { core::ptr::write_volatile(lock, 0) };
+    -E2BIG
+}
+
+/// Second half of the insert `reserve_slots` began: fills its slots with `fwd` under `key`
+/// and `rev` under `rkey`, publishes them, releases the lock and stores the claim word.
+///
+/// Where the CPU makes stores visible in program order (`config_flags::TOTAL_STORE_ORDER`),
+/// each is a plain store, after the slots' stores: the slots' cache lines, cold, are then
+/// written while the program goes on, where a compare-and-swap would wait for them. Elsewhere
+/// the tags and the claim word are stored by compare-and-swaps, which order what came before
+/// them.
+#[inline(always)]
+pub fn publish(key: &FlowKey4, fwd: &Flow, rkey: &FlowKey4, rev: &Flow, slots: Slots) {
+    let Some(cfg) = config() else {
+        return;
+    };
+    let p = place(key, cfg);
+    let rtag = place(rkey, cfg).tag;
+    let bucket = |second: bool| if second { p.second } else { p.first };
+    let (fwd_at, rev_at) = (bucket(slots & 1 << 8 != 0), bucket(slots & 1 << 9 != 0));
+    let (Some(b1), Some(fb), Some(rb), Some(c)) = (
+        FLOWS4.get_ptr_mut(p.first),
+        FLOWS4.get_ptr_mut(fwd_at),
+        FLOWS4.get_ptr_mut(rev_at),
+        claim_word(rkey, cfg),
+    ) else {
+        return;
+    };
+    let (Some(fi), Some(ri)) = (
+        opaque_index(slots as usize & 15),
+        opaque_index(slots as usize >> 4 & 15),
+    ) else {
+        return;
+    };
+    let ordered = cfg.flags & config_flags::TOTAL_STORE_ORDER != 0;
+    // SAFETY: both slots were claimed by `reserve_slots` and are ours until published; the
+    // lock and the claim word are ours too. Aligned words of live array values.
+    unsafe {
+        fill(&raw mut (*fb).slots[fi], &key_words(key), fwd);
+        fill(&raw mut (*rb).slots[ri], &key_words(rkey), rev);
+        let (ft, rt) = (&raw mut (*fb).tags[fi], &raw mut (*rb).tags[ri]);
+        if ordered {
+            core::ptr::write_volatile(ft, p.tag | LIVE);
+            core::ptr::write_volatile(rt, rtag | LIVE);
+            core::ptr::write_volatile(c, placed(rev_at));
+        } else {
+            atomic::cmpxchg(ft, p.tag | PENDING, p.tag | LIVE);
+            atomic::cmpxchg(rt, rtag | PENDING, rtag | LIVE);
+            atomic::cmpxchg(c, CLAIMED, placed(rev_at));
+        }
+        // A plain store: the lock only keeps out inserts of `key`, which see the forward
+        // entry once it is visible.
+        core::ptr::write_volatile(&raw mut (*b1).lock, 0);
+    }
+}
+
+/// Claims the first free slot of bucket `b` for a key of tag `tag` (inserts of other keys may
+/// be claiming too): its index, or `WAYS` when there is none.
+#[inline(always)]
+fn claim_slot(b: *mut Bucket, tag: u64) -> usize {
+    let pending = tag | PENDING;
     for i in 0..WAYS {
-        // SAFETY: fields of a live array value; tag words are changed only atomically.
+        // SAFETY: an aligned tag word of a live array value, changed only atomically.
         unsafe {
             let t = &raw mut (*b).tags[i];
             if atomic::load(t) == EMPTY && atomic::cmpxchg(t, EMPTY, pending) == EMPTY {
-                claimed = i;
-                break;
+                return i;
             }
         }
     }
-    let Some(claimed) = opaque_index(claimed) else {
-        return -E2BIG;
-    };
-    // SAFETY: the claimed slot is ours until published; word by word, with volatile stores
-    // (a struct copy would go through the stack).
+    WAYS
+}
+
+/// Writes `words` and `flow` into the claimed slot `s`, word by word, with volatile stores (a
+/// struct copy would go through the stack).
+///
+/// # Safety
+/// `s` must be a slot of a live array value, claimed by the caller and not yet published.
+#[inline(always)]
+unsafe fn fill(s: *mut Slot, words: &[u64; 2], flow: &Flow) {
+    // SAFETY: guaranteed by the caller.
     unsafe {
-        let s = &raw mut (*b).slots[claimed];
         let dst = (&raw mut (*s).key).cast::<u64>();
         core::ptr::write_volatile(dst, words[0]);
         core::ptr::write_volatile(dst.add(1), words[1]);
@@ -217,16 +351,12 @@ fn insert_locked(
         for w in 0..core::mem::size_of::<Flow>() / 8 {
             core::ptr::write_volatile(dst.add(w), *src.add(w));
         }
-        // The compare-and-swap orders the slot's stores before the tag's.
-        atomic::cmpxchg(&raw mut (*b).tags[claimed], pending, p.tag | LIVE);
     }
-    0
 }
 
-/// Free slots of bucket `b`, after removing `key`'s entry there when `replace`; `-EEXIST`
-/// when it is there and not to be replaced.
+/// Free slots of bucket `b`, after removing `key`'s entry there.
 #[inline(always)]
-fn scan(b: *mut Bucket, p: &Place, words: &[u64; 2], replace: bool) -> Result<u32, i64> {
+fn scan(b: *mut Bucket, p: &Place, words: &[u64; 2]) -> u32 {
     let mut free = 0;
     for i in 0..WAYS {
         // SAFETY: an aligned tag word of a live array value, changed only atomically.
@@ -236,13 +366,10 @@ fn scan(b: *mut Bucket, p: &Place, words: &[u64; 2], replace: bool) -> Result<u3
             if tag == EMPTY {
                 free += 1;
             } else if tag == p.tag | LIVE && holds(b, i, words) {
-                if !replace {
-                    return Err(-EEXIST);
-                }
                 atomic::cmpxchg(t, tag, EMPTY);
                 free += 1;
             }
         }
     }
-    Ok(free)
+    free
 }

@@ -85,7 +85,7 @@ static MAGLEV: Array<u32> = Array::with_max_entries(MAX_SERVICES * MAGLEV_TABLE_
 /// never fills costs no memory. Sized by the daemon at load time to twice `--conntrack-size`.
 /// Not LRU, as neither is `FLOWS4`: the kernel never drops a flow silently. The daemon evicts
 /// (with a record) before the tables fill; a flow that still finds no room is refused with a
-/// record. Go through `flow_get`, `flow_insert` and `flow_remove`.
+/// record. Go through `flow_get`, `flow6_insert` and `flow_remove`.
 #[map]
 static FLOWS6: HashMap<FlowKey, Flow> =
     HashMap::with_max_entries(2 * CONNTRACK_MAX, BPF_F_NO_PREALLOC);
@@ -216,13 +216,19 @@ pub struct Keys {
     src: SourceKey,
     fib: bpf_fib_lookup,
     icmp: FlowKey,
-    /// The IPv4 key of a `FlowKey`, for `flow_get`, `flow_insert` and `flow_remove`: each use
-    /// is over before the next one starts.
+    /// The IPv4 key of a `FlowKey`, for `flow_get` and `flow_remove`: each use is over before
+    /// the next one starts.
     flow4: FlowKey4,
+    /// The IPv4 reply key a new flow reserves, from `reserve_snat_port` to its insert
+    /// (`publish_opened`).
+    snat4: FlowKey4,
+    /// Where `flow_table::reserve_slots` put a new IPv4 flow's entries, for `publish_opened`.
+    slots: flow_table::Slots,
 }
 
 // `store_key4` writes these keys as two u64 words.
 const _: () = assert!(core::mem::offset_of!(Keys, flow4) % 8 == 0);
+const _: () = assert!(core::mem::offset_of!(Keys, snat4) % 8 == 0);
 const _: () = assert!(core::mem::offset_of!(Packet, key4) % 8 == 0);
 
 #[map]
@@ -285,23 +291,14 @@ fn packet_flow(pkt: &Packet) -> Option<*mut Flow> {
     }
 }
 
-/// Inserts `value` under `key` in its family's flow table (`BPF_ANY`: replacing an entry of
-/// the same key, or `BPF_NOEXIST`). The error is negative: `-E2BIG` or `-ENOMEM` when there is
-/// no room, `-EEXIST`, or (`FLOWS4`) `-EAGAIN` when another CPU was inserting into the key's
-/// first bucket at that instant.
+/// Inserts `value` under `key` in `FLOWS6` (`BPF_ANY`: replacing an entry of the same key, or
+/// `BPF_NOEXIST`). The error is negative: `-E2BIG` or `-ENOMEM` when there is no room,
+/// `-EEXIST`. (An IPv4 connection's entries go in together: `flow_table::insert_pair`.)
 #[inline(always)]
-fn flow_insert(key: &FlowKey, value: &Flow, flags: u32) -> Result<(), i64> {
-    if key.af == AF_INET {
-        let k = key4(key).ok_or(-E2BIG)?;
-        match flow_table::insert(k, value, flags == BPF_ANY) {
-            0 => Ok(()),
-            e => Err(e),
-        }
-    } else {
-        FLOWS6
-            .insert(key, value, flags as u64)
-            .map_err(|e| e as i64)
-    }
+fn flow6_insert(key: &FlowKey, value: &Flow, flags: u32) -> Result<(), i64> {
+    FLOWS6
+        .insert(key, value, flags as u64)
+        .map_err(|e| e as i64)
 }
 
 #[inline(always)]
@@ -697,27 +694,15 @@ fn steer_and_admit(ctx: &XdpContext) -> u32 {
 
 #[inline(always)]
 fn try_steer(ctx: &XdpContext, pkt: &mut Packet) -> Result<u32, ()> {
-    let k = keys()?;
-    // SAFETY: per-CPU scratch, this field used only here.
-    let svc_key = unsafe {
-        let key = &raw mut (*k).svc;
-        copy::addr(&raw mut (*key).addr, &pkt.key.dst);
-        (*key).port = pkt.key.dport;
-        (*key).proto = pkt.key.proto;
-        (*key).af = pkt.key.af;
-        &*key
-    };
-    // A packet that may open a flow finds its service before its flow, so that the buckets of
-    // the reply entry a new flow would get start loading before the flow lookup waits for its
-    // own (`prefetch_reply_entry`).
-    let opening = opens_flow(pkt);
-    let mut svc = None;
-    if opening {
-        // SAFETY: map value, valid for the duration of this run (not copied: stack space).
-        svc = unsafe { SERVICES.get(svc_key) };
-        if let Some(svc) = svc {
-            pkt.hash = flow_hash(&pkt.key);
-            prefetch_reply_entry(pkt, svc);
+    // The service first, and for a packet that may open a flow the Maglev slot it would get:
+    // that slot's miss then overlaps the flow lookup's instead of following them.
+    let svc = service(pkt)?;
+    if let Some(svc) = svc
+        && opens_flow(pkt)
+    {
+        pkt.hash = flow_hash(&pkt.key);
+        if let Some(cfg) = CONFIG.get(0) {
+            maglev_slot(cfg, svc, pkt.hash);
         }
     }
     let existing = packet_flow(pkt);
@@ -735,10 +720,6 @@ fn try_steer(ctx: &XdpContext, pkt: &mut Packet) -> Result<u32, ()> {
             return Ok(follow(ctx, pkt, e));
         }
     }
-    if !opening {
-        // SAFETY: as above.
-        svc = unsafe { SERVICES.get(svc_key) };
-    }
     let Some(svc) = svc else {
         // Not a service port; a packet to a VIP on another port is still not the host's.
         return not_handled(&pkt.key.dst, pkt.key.af, stat::DROP_UNSUPPORTED);
@@ -751,6 +732,7 @@ fn try_steer(ctx: &XdpContext, pkt: &mut Packet) -> Result<u32, ()> {
     }
     if let Some(old) = existing {
         // A closed flow's 5-tuple is being reused: release its reply entry (and SNAT port).
+        let k = keys()?;
         // SAFETY: map value pointer, read in place; per-CPU scratch field used only here.
         unsafe {
             let key = &raw mut (*k).old_peer;
@@ -765,6 +747,90 @@ fn try_steer(ctx: &XdpContext, pkt: &mut Packet) -> Result<u32, ()> {
     pkt.svc.flags = svc.flags;
     pkt.svc.rate_per_sec = svc.rate_per_sec;
     Ok(NEW_FLOW)
+}
+
+/// Ways of `SERVICE_CACHE` (a power of two).
+const SERVICE_CACHE_WAYS: u32 = 8;
+
+/// A service as `SERVICES` had it when `Config::services_version` was `version`; `key` is the
+/// `ServiceKey` as five words (`service_words`).
+#[repr(C)]
+pub struct CachedService {
+    version: u32,
+    key: [u32; 5],
+    info: ServiceInfo,
+}
+
+/// What this CPU last found in `SERVICES`, by a hash of the key: a hash map lookup is a
+/// helper call, a hash and a key compare, a tenth of a new flow's cost; this is a few loads.
+#[map]
+static SERVICE_CACHE: PerCpuArray<CachedService> =
+    PerCpuArray::with_max_entries(SERVICE_CACHE_WAYS, 0);
+
+/// The `ServiceKey` of the packet's destination as five words: address, then port, protocol
+/// and family.
+#[inline(always)]
+fn service_words(key: &FlowKey) -> [u32; 5] {
+    [
+        key.dst[0],
+        key.dst[1],
+        key.dst[2],
+        key.dst[3],
+        key.dport as u32 | (key.proto as u32) << 16 | (key.af as u32) << 24,
+    ]
+}
+
+/// The service of the packet's destination, if any: from this CPU's `SERVICE_CACHE` while
+/// `SERVICES` has not changed since it was cached (where loads are seen in order, so that the
+/// version read before a lookup is no newer than what the lookup finds), else from `SERVICES`.
+#[inline(always)]
+fn service(pkt: &Packet) -> Result<Option<&'static ServiceInfo>, ()> {
+    let cfg = CONFIG.get(0).ok_or(())?;
+    let cached = if cfg.flags & config_flags::TOTAL_STORE_ORDER != 0 {
+        let w = service_words(&pkt.key);
+        let way = mix(w[0] ^ w[1] ^ w[2] ^ w[3] ^ w[4]) & (SERVICE_CACHE_WAYS - 1);
+        // SAFETY: an aligned field of a live array value, which the daemon rewrites whole.
+        let version = unsafe { core::ptr::read_volatile(&cfg.services_version) };
+        match SERVICE_CACHE.get_ptr_mut(way) {
+            Some(c) => {
+                // SAFETY: per-CPU value, ours during this run.
+                let c = unsafe { &mut *c };
+                if c.version == version && c.key == w {
+                    return Ok(Some(&c.info));
+                }
+                Some((c, version, w))
+            }
+            None => None,
+        }
+    } else {
+        None
+    };
+    let k = keys()?;
+    // SAFETY: per-CPU scratch, this field used only here.
+    let svc_key = unsafe {
+        let key = &raw mut (*k).svc;
+        copy::addr(&raw mut (*key).addr, &pkt.key.dst);
+        (*key).port = pkt.key.dport;
+        (*key).proto = pkt.key.proto;
+        (*key).af = pkt.key.af;
+        &*key
+    };
+    // SAFETY: map value, valid for the duration of this run (not copied: stack space).
+    let Some(svc) = (unsafe { SERVICES.get(svc_key) }) else {
+        return Ok(None);
+    };
+    let Some((c, version, w)) = cached else {
+        return Ok(Some(svc));
+    };
+    // Field by field, word-sized: a struct copy could become a byte loop.
+    c.version = version;
+    c.key = w;
+    c.info.id = svc.id;
+    c.info.backend_count = svc.backend_count;
+    c.info.generation = svc.generation;
+    c.info.flags = svc.flags;
+    c.info.rate_per_sec = svc.rate_per_sec;
+    Ok(Some(&c.info))
 }
 
 /// `steer`'s answer when the packet opens a flow: `new_flow` handles it next.
@@ -790,7 +856,11 @@ fn try_new_flow(ctx: &XdpContext) -> Result<u32, ()> {
     if refusal != 0 {
         return drop_with(refusal as u32);
     }
-    Ok(forward_opened(ctx))
+    let action = forward_opened(ctx);
+    if pkt.key.af == AF_INET {
+        publish_opened();
+    }
+    Ok(action)
 }
 
 /// Forwards the packet that opened a flow. The new forward entry is still in the scratch
@@ -1109,21 +1179,52 @@ fn try_open_flow(ctx: &XdpContext, pkt: &Packet, svc: &ServiceInfo) -> Result<()
         return Err(port);
     }
     fwd.nat_sport = port as u16;
-    if let Err(e) = flow_insert(key, &*fwd, BPF_ANY) {
-        let k = keys().map_err(|()| deny_code(deny_reason::CONNTRACK_FULL, NO_RULE))?;
-        // SAFETY: per-CPU scratch, this field used only here.
-        unsafe {
-            let peer = &raw mut (*k).failed_peer;
-            *peer = fwd.peer_key(key.proto, key.af);
-            flow_remove(&*peer);
+    let k = keys().map_err(|()| deny_code(deny_reason::CONNTRACK_FULL, NO_RULE))?;
+    // SAFETY: per-CPU scratch: the reply key `reserve_snat_port` claimed.
+    let rkey4 = unsafe { &(*k).snat4 };
+    let inserted = if key.af == AF_INET {
+        match flow_table::reserve_slots(&pkt.key4, rkey4) {
+            e if e < 0 => Err(e),
+            slots => Ok(slots),
         }
-        if e == -flow_table::EAGAIN {
-            return Err(drop_code(stat::DROP_OPEN_RACE));
-        }
-        return Err(deny_code(deny_reason::CONNTRACK_FULL, NO_RULE));
-    }
+    } else {
+        flow6_insert(key, &*fwd, BPF_ANY)
+            .map(|()| 0)
+            .inspect_err(|_| {
+                // SAFETY: per-CPU scratch, this field used only here.
+                unsafe {
+                    let peer = &raw mut (*k).failed_peer;
+                    *peer = fwd.peer_key(key.proto, key.af);
+                    flow_remove(&*peer);
+                }
+            })
+    };
+    let slots = match inserted {
+        Ok(slots) => slots,
+        Err(e) if e == -flow_table::EAGAIN => return Err(drop_code(stat::DROP_OPEN_RACE)),
+        Err(_) => return Err(deny_code(deny_reason::CONNTRACK_FULL, NO_RULE)),
+    };
+    // SAFETY: per-CPU scratch, this field used only here and by `publish_opened`.
+    unsafe { (*k).slots = slots };
     emit_flow(event_kind::CONN_OPEN, open_reason::MAGLEV, key, fwd, rev);
     Ok(())
+}
+
+/// Fills and publishes the entries of the IPv4 flow `open_flow` opened (`flow_table::publish`),
+/// from the scratch space it left them in. Last of all: the entries' cache lines are cold, and
+/// their stores, once nothing waits for them, are written while the program returns.
+#[inline(never)]
+fn publish_opened() {
+    let (Some(pkt), Some(fwd), Some(rev), Ok(k)) = (
+        SCRATCH_PACKET.get_ptr(0),
+        SCRATCH_FLOW.get_ptr(0),
+        SCRATCH_FLOW.get_ptr(1),
+        keys(),
+    ) else {
+        return;
+    };
+    // SAFETY: per-CPU scratch, filled by `steer` and `open_flow` during this run.
+    unsafe { flow_table::publish(&(*pkt).key4, &*fwd, &(*k).snat4, &*rev, (*k).slots) };
 }
 
 /// The backend that service `svc`'s Maglev table gives a new flow whose `flow_hash` is `hash`:
@@ -1133,44 +1234,19 @@ fn maglev_backend(cfg: &Config, svc: &ServiceInfo, hash: u32) -> Option<(u32, &'
     if cfg.maglev_size == 0 {
         return None;
     }
-    let idx = *MAGLEV.get(svc.id * cfg.maglev_size + rem(hash, cfg.maglev_size))?;
+    let idx = maglev_slot(cfg, svc, hash)?;
     Some((idx, BACKENDS.get(idx)?))
 }
 
-/// Starts loading the `FLOWS4` buckets of the reply entry that a new IPv4 flow of `pkt` will
-/// most likely get: towards its Maglev backend, under its preferred SNAT port. Both of a new
-/// flow's keys land in random buckets, and each bucket is a cold line behind a TLB miss, the
-/// largest part of a new flow's cost: loaded now, the reply key's misses overlap those of the
-/// flow's own lookup instead of following them. A guess that turns out wrong (the port is
-/// taken, the table changed) costs only the loads.
+/// What service `svc`'s Maglev table holds for `hash`: a backend index.
 #[inline(always)]
-fn prefetch_reply_entry(pkt: &Packet, svc: &ServiceInfo) {
-    if pkt.key.af != AF_INET || svc.backend_count == 0 {
-        return;
-    }
-    let (Some(cfg), Ok(k)) = (CONFIG.get(0), keys()) else {
-        return;
-    };
-    let Some((_, be)) = maglev_backend(cfg, svc, pkt.hash) else {
-        return;
-    };
-    let Some((min, range)) = snat_range(cfg) else {
-        return;
-    };
-    let port = (min + preferred_snat_offset(pkt.key.sport, min, range)) as u16;
-    // SAFETY: per-CPU scratch; the flow-map helpers' key, whose previous use is over.
-    unsafe {
-        let k4 = &raw mut (*k).flow4;
-        store_key4(
-            k4,
-            be.addr[0],
-            be.snat_addr[0],
-            be.port,
-            port.to_be(),
-            pkt.key.proto,
-        );
-        flow_table::prefetch(&*k4);
-    }
+fn maglev_slot(cfg: &Config, svc: &ServiceInfo, hash: u32) -> Option<u32> {
+    // Multiply-shift maps the hash onto the table without a division.
+    let slot = ((hash as u64 * cfg.maglev_size as u64) >> 32) as u32;
+    // SAFETY: an aligned u32 of a live array value.
+    MAGLEV
+        .get_ptr(svc.id * cfg.maglev_size + slot)
+        .map(|p| unsafe { core::ptr::read_volatile(p) })
 }
 
 /// Longest-prefix match of the client address among the service's rules. A match counts
@@ -1370,6 +1446,10 @@ fn snat_range(cfg: &Config) -> Option<(u32, u32)> {
 #[inline(always)]
 fn preferred_snat_offset(sport_be: u16, min: u32, range: u32) -> u32 {
     let sport = u16::from_be(sport_be) as u32;
+    // Most often the client's port is in the range: no division.
+    if sport >= min && sport - min < range {
+        return sport - min;
+    }
     // `sport + k * range - min` with k large enough to stay non-negative; `range` is not 0.
     rem(sport + (div(65536, range) + 1) * range - min, range)
 }
@@ -1445,8 +1525,8 @@ fn snat_held(slot: u32, owner: u32, now: u32) -> u32 {
     }
 }
 
-/// Picks a SNAT port towards `be` and reserves it by inserting the reply entry `rev` under it.
-/// `BPF_NOEXIST` makes the insert the collision check, so two live flows never share a port.
+/// Picks a SNAT port towards `be` and reserves its reply key (`reserve_reply_key`): the
+/// reservation is the collision check, so two live flows never share a port.
 ///
 /// TCP ports are also kept from reuse while the backend may still hold the old connection in
 /// TIME_WAIT (`SNAT_HOLD` after it closed), unless the same client 5-tuple comes back: its
@@ -1503,29 +1583,26 @@ fn reserve_snat_port(key: &FlowKey, be: &Backend, cfg: &Config, rev: &Flow, hash
         let left = if tcp { snat_held(slot, owner, now) } else { 0 };
         rkey.dport = (port as u16).to_be();
         if left != 0 {
-            // SAFETY: map lookup; the value is not used.
-            if left < oldest_left && flow_get(&*rkey).is_none() {
+            if left < oldest_left && !reply_key_taken(rkey) {
                 (oldest, oldest_left) = (port + 1, left);
             }
             continue;
         }
-        match flow_insert(&*rkey, rev, BPF_NOEXIST) {
-            Ok(()) => {
+        match reserve_reply_key(rkey, rev) {
+            Ok(true) => {
                 if tcp {
                     snat_mark(slot, owner, now);
                 }
                 return rkey.dport as u64;
             }
-            Err(e) if e == -E2BIG || e == -ENOMEM => {
-                return deny_code(deny_reason::CONNTRACK_FULL, NO_RULE);
-            }
-            Err(_) => {}
+            Ok(false) => {}
+            Err(refusal) => return refusal,
         }
     }
     if oldest != 0 {
         let port = oldest - 1;
         rkey.dport = (port as u16).to_be();
-        if flow_insert(&*rkey, rev, BPF_NOEXIST).is_ok() {
+        if reserve_reply_key(rkey, rev) == Ok(true) {
             snat_mark(
                 snat_slot(rev.backend_idx, port),
                 snat_owner(tuple, port),
@@ -1535,6 +1612,47 @@ fn reserve_snat_port(key: &FlowKey, be: &Backend, cfg: &Config, rev: &Flow, hash
         }
     }
     deny_code(deny_reason::SNAT_EXHAUSTED, NO_RULE)
+}
+
+/// Reserves the reply key `rkey` (its SNAT port) for a new flow whose reply entry is `rev`:
+/// IPv4 by its claim word (in `Keys::snat4`, the entry goes in with the forward one), IPv6 by
+/// inserting the entry (`BPF_NOEXIST`). Whether it was free; a refusal when the table is full.
+#[inline(always)]
+fn reserve_reply_key(rkey: &FlowKey, rev: &Flow) -> Result<bool, Refusal> {
+    if rkey.af == AF_INET {
+        let k = keys().map_err(|()| deny_code(deny_reason::SNAT_EXHAUSTED, NO_RULE))?;
+        // SAFETY: per-CPU scratch, this field used only by new flows' reply keys; aligned.
+        let k4 = unsafe {
+            let k4 = &raw mut (*k).snat4;
+            store_key4(
+                k4,
+                rkey.src[0],
+                rkey.dst[0],
+                rkey.sport,
+                rkey.dport,
+                rkey.proto,
+            );
+            &*k4
+        };
+        return Ok(flow_table::claim(k4));
+    }
+    match flow6_insert(rkey, rev, BPF_NOEXIST) {
+        Ok(()) => Ok(true),
+        Err(e) if e == -E2BIG || e == -ENOMEM => {
+            Err(deny_code(deny_reason::CONNTRACK_FULL, NO_RULE))
+        }
+        Err(_) => Ok(false),
+    }
+}
+
+/// Whether the reply key `rkey` (its SNAT port) is some live flow's.
+#[inline(always)]
+fn reply_key_taken(rkey: &FlowKey) -> bool {
+    if rkey.af == AF_INET {
+        key4(rkey).is_some_and(flow_table::claimed)
+    } else {
+        flow_get(rkey).is_some()
+    }
 }
 
 /// The next hop towards backend `idx` from this CPU's cache, refreshed from the kernel's FIB
