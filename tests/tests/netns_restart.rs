@@ -2,8 +2,8 @@
 //! forwarding on its pinned maps while no daemon runs, and the next daemon adopts them. An
 //! established TCP connection exchanges data before, during and after the gap; a connection
 //! opened and closed during the gap is recorded by the next daemon from the ring buffer; the
-//! adopted connection's `conn_close` carries the bytes of all three phases. `--reset-state`
-//! starts clean.
+//! adopted connection's `conn_close` carries the bytes of all three phases, although the next
+//! daemon takes SNAT ports from another range. `--reset-state` starts clean.
 
 use std::{
     io::{Read, Write},
@@ -45,7 +45,11 @@ fn established_flows_survive_a_daemon_restart() {
         a
     };
 
-    let mut first = t.spawn_daemon(&args("keep", &[])).expect("daemon");
+    // The daemons take their SNAT ports from two different ranges: the adopted connection's
+    // replies must still find it by its port from the first.
+    let mut first = t
+        .spawn_daemon(&args("keep", &["--snat-ports=20000-20999"]))
+        .expect("daemon");
     first.wait_ready(Duration::from_secs(20)).expect("ready");
     let mut long = t.ns("client").enter(|| {
         TcpStream::connect_timeout(&Topology::vip(), Duration::from_secs(3)).expect("connect")
@@ -64,7 +68,9 @@ fn established_flows_survive_a_daemon_restart() {
         .expect("a new connection while no daemon runs");
     assert_eq!(gap.received, b"during the gap");
 
-    let mut second = t.spawn_daemon(&args("detach", &[])).expect("daemon");
+    let mut second = t
+        .spawn_daemon(&args("detach", &["--snat-ports=21000-21999"]))
+        .expect("daemon");
     second
         .wait_ready(Duration::from_secs(20))
         .expect("ready again");
@@ -122,6 +128,17 @@ fn established_flows_survive_a_daemon_restart() {
     let closes = of_client("conn_close", client_port);
     assert_eq!((opens.len(), closes.len()), (1, 1), "{opens:?} {closes:?}");
     assert_eq!(opens[0]["flow_id"], closes[0]["flow_id"]);
+    let snat_port = |r: &serde_json::Value| {
+        r["snat"]
+            .as_str()
+            .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+            .map(|a| a.port())
+    };
+    assert!(
+        snat_port(&opens[0]).is_some_and(|p| (20000..=20999).contains(&p)),
+        "{}",
+        opens[0]
+    );
     assert_eq!(closes[0]["service"], "web");
     assert_eq!(closes[0]["close_reason"], "fin");
     assert_eq!(closes[0]["bytes_to_backend"], 6000);
