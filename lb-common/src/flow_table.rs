@@ -18,9 +18,10 @@
 //! compare-and-swap, never waited for: a CPU that finds it taken gives up), so that two CPUs
 //! never insert one key at once; it claims a slot in either bucket by a compare-and-swap of its
 //! tag word from `EMPTY` to `PENDING` (inserts of other keys may share the bucket), fills it,
-//! and publishes it by a compare-and-swap to `LIVE`. Readers take `LIVE` slots only. Removal is
-//! a compare-and-swap from the `LIVE` tag to `EMPTY`, by the program or by the daemon through
-//! the mapping, without the lock.
+//! and publishes it as `LIVE` (by a compare-and-swap, or a plain store after the slot's where
+//! the CPU keeps stores in order: `config_flags::TOTAL_STORE_ORDER`). Readers take `LIVE`
+//! slots only. Removal is a compare-and-swap from the `LIVE` tag to `EMPTY`, by the program or
+//! by the daemon through the mapping, without the lock.
 //!
 //! Both entries of a connection live in the buckets of its forward (client) key, so that
 //! opening it touches one pair of random buckets, not two. The reply entry is found through
