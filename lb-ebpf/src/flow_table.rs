@@ -241,6 +241,11 @@ fn reserve_locked(key: &FlowKey4, rkey: &FlowKey4, cfg: &Config) -> i64 {
     let fb = if fwd_second { b2 } else { b1 };
     // Through `opaque`: one unknown value rather than one path per slot index.
     let fi = opaque(claim_slot(fb, p.tag) as u64) as usize;
+    if fi >= WAYS {
+        // SAFETY: as above; a plain store, after the compare-and-swaps.
+        unsafe { core::ptr::write_volatile(lock, 0) };
+        return -E2BIG;
+    }
     let (free1, free2) = if fwd_second {
         (free1, free2.saturating_sub(1))
     } else {
@@ -249,10 +254,11 @@ fn reserve_locked(key: &FlowKey4, rkey: &FlowKey4, cfg: &Config) -> i64 {
     let rev_second = free2 > free1;
     let ri =
         opaque(claim_slot(if rev_second { b2 } else { b1 }, place(rkey, cfg).tag) as u64) as usize;
-    if fi < WAYS && ri < WAYS {
+    if ri < WAYS {
         let at = (fwd_second as usize) << 8 | (rev_second as usize) << 9;
         return opaque((fi | ri << 4 | at) as u64) as Slots;
     }
+    // No slot for the reply entry: the forward entry's goes back.
     if let Some(fi) = opaque_index(fi) {
         // SAFETY: the forward entry's claimed slot, ours: given back.
         unsafe { atomic::cmpxchg(&raw mut (*fb).tags[fi], p.tag | PENDING, EMPTY) };

@@ -123,19 +123,9 @@ fn fixture_sized(services: Vec<ServiceSpec>, maglev: u32) -> Fixture {
     fixture_with(settings(services, maglev))
 }
 
-/// Service `web` (10.0.0.100:80 → 10.0.2.2:8080) with the SNAT ports 50000–50003 only.
-/// One TCP service, web (10.0.0.100:80), with one backend, 10.0.2.2:8080.
-fn web_fixture() -> Fixture {
-    fixture(vec![service(
-        "web",
-        Proto::Tcp,
-        "10.0.0.100:80",
-        &["10.0.2.2:8080"],
-    )])
-}
-
-fn web_with_four_snat_ports() -> Fixture {
-    let mut st = settings(
+/// The settings of one TCP service, web (10.0.0.100:80), with one backend, 10.0.2.2:8080.
+fn web_settings() -> Settings {
+    settings(
         vec![service(
             "web",
             Proto::Tcp,
@@ -143,7 +133,17 @@ fn web_with_four_snat_ports() -> Fixture {
             &["10.0.2.2:8080"],
         )],
         4093,
-    );
+    )
+}
+
+/// Service `web` (`web_settings`).
+fn web_fixture() -> Fixture {
+    fixture_with(web_settings())
+}
+
+/// Service `web` (`web_settings`) with the SNAT ports 50000–50003 only.
+fn web_with_four_snat_ports() -> Fixture {
+    let mut st = web_settings();
     st.snat_ports = (50000, 50003);
     fixture_with(st)
 }
@@ -1310,6 +1310,62 @@ fn a_syn_meeting_a_held_bucket_lock_is_dropped_whole_and_its_retransmission_open
         assert!(fx.dp.flow_table4().set_insert_lock(&key, false));
         open_tcp(&mut fx, c, v);
         assert_eq!(fx.dp.flows().unwrap().len(), 1);
+    });
+}
+
+/// A flow whose candidate buckets have no room for its two entries is refused with a record
+/// (`conntrack_full`) and leaves nothing behind: no slot (one it claimed before finding none
+/// for the other entry included), no SNAT port. Once the flows are gone, the same SYNs have
+/// the same outcomes again.
+#[test]
+fn a_flow_without_room_is_refused_with_a_record_and_takes_no_slot() {
+    if !root("a_flow_without_room_is_refused_with_a_record_and_takes_no_slot") {
+        return;
+    }
+    let ns = setup_ns();
+    ns.enter(|| {
+        let mut st = web_settings();
+        // Four buckets of 15 slots.
+        st.conntrack_size = 16;
+        let mut fx = fixture_with(st);
+        let v = vip("10.0.0.100", 80);
+        // The outcome of each of 300 SYNs: opened or refused. Past the first refusal, a SYN
+        // may still find room, or find one free slot where it needs two.
+        let fill = |fx: &mut Fixture| -> Vec<bool> {
+            (0..300u16)
+                .map(|i| {
+                    let (a, _) = run(fx, &packet::syn(client("10.0.1.2", 1024 + i), v));
+                    assert!(a == XDP_REDIRECT || a == XDP_DROP, "{a}");
+                    a == XDP_REDIRECT
+                })
+                .collect()
+        };
+        let first = fill(&mut fx);
+        let (opened, refused) = (
+            first.iter().filter(|o| **o).count(),
+            first.iter().filter(|o| !**o).count(),
+        );
+        assert!(
+            opened > 0 && opened <= 30 && refused > 0,
+            "{opened} {refused}"
+        );
+        // One record for the client (deny records are limited per source), every refusal
+        // counted.
+        let ev = events(&mut fx);
+        assert!(ev.iter().any(
+            |e| e.kind == event_kind::CONN_DENY && e.reason == deny_reason::CONNTRACK_FULL
+        ));
+        assert_eq!(stat_of(&mut fx, stat::DENY_CONNTRACK_FULL), refused as u64);
+        assert_eq!(fx.dp.flow_table4().entries().len(), 2 * opened);
+        for pair in fx.dp.flows().unwrap() {
+            fx.dp.remove_flow(&pair).unwrap();
+        }
+        assert!(fx.dp.flow_table4().entries().is_empty());
+        assert_eq!(
+            fill(&mut fx),
+            first,
+            "a refused flow left a slot or a port taken"
+        );
     });
 }
 
