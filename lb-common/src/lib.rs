@@ -28,6 +28,9 @@ pub const MAGLEV_TABLE_SIZE: u32 = 65537;
 pub const MAX_ACL_RULES: u32 = 4096;
 /// Sources tracked for per-source rate limiting and deny-record suppression.
 pub const SOURCES_MAX: u32 = 65_536;
+/// At most one deny record per source and service per this interval (ns); the others are
+/// counted, and the daemon records those no later record carries once the last is this old.
+pub const DENY_RECORD_INTERVAL_NS: u64 = 1_000_000_000;
 /// Default connection-tracking capacity in connections (each flow map holds two entries,
 /// one per direction, for each).
 pub const CONNTRACK_MAX: u32 = 262_144;

@@ -689,9 +689,6 @@ fn sweep_flows(
     Ok(())
 }
 
-/// The program writes at most one deny record per source and service per second.
-const DENY_RECORD_INTERVAL: Duration = Duration::from_secs(1);
-
 /// What the last read of `SOURCES` for suppressed refusals saw: the program's count of
 /// suppressed refusals just before it, and whether it left some for a later sweep (their
 /// source's last record too recent).
@@ -718,8 +715,8 @@ impl SuppressedDenials {
     ) -> anyhow::Result<()> {
         let counted = dp.stat(lb_common::stat::DENY_RECORDS_SUPPRESSED)?;
         if self.due(counted) {
-            self.left =
-                record_unrecorded_denials(dp, audit, names, services, DENY_RECORD_INTERVAL)?;
+            let min_age = Duration::from_nanos(lb_common::DENY_RECORD_INTERVAL_NS);
+            self.left = record_unrecorded_denials(dp, audit, names, services, min_age)?;
             self.counted = counted;
         }
         Ok(())

@@ -1027,15 +1027,21 @@ fn flow_table4(ebpf: &mut Ebpf, conntrack_size: u32, adopted: bool) -> anyhow::R
             c.flow4_claims
         );
     }
-    let fd = |ebpf: &'_ mut Ebpf, name| -> anyhow::Result<std::os::fd::OwnedFd> {
-        let aya::maps::Map::Array(data) = map(ebpf, name)? else {
-            bail!("map {name} is not an array");
-        };
-        Ok(data.fd().as_fd().try_clone_to_owned()?)
+    let fd = |name| -> anyhow::Result<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd as _;
+        match ebpf.map(name) {
+            Some(aya::maps::Map::Array(data)) => Ok(data.fd().as_fd()),
+            Some(_) => bail!("map {name} is not an array"),
+            None => bail!("map {name} missing from the eBPF object"),
+        }
     };
-    use std::os::fd::AsFd as _;
-    let (table, words) = (fd(ebpf, maps::FLOWS4)?, fd(ebpf, maps::CLAIMS4)?);
-    FlowTable4::map(table.as_fd(), buckets, c.flow4_seed, words.as_fd(), claims)
+    FlowTable4::map(
+        fd(maps::FLOWS4)?,
+        buckets,
+        c.flow4_seed,
+        fd(maps::CLAIMS4)?,
+        claims,
+    )
 }
 
 fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {

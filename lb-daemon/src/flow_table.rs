@@ -94,7 +94,7 @@ impl FlowTable4 {
     }
 
     /// The claim word of the reply key `key`.
-    fn claim(&self, key: &FlowKey4) -> &AtomicU64 {
+    fn claim_word(&self, key: &FlowKey4) -> &AtomicU64 {
         let i = claim_of(key, self.seed, self.claim_count);
         // SAFETY: `claim_of` is below the word count, so the aligned word is inside the
         // mapping; the program changes it only atomically.
@@ -155,7 +155,7 @@ impl FlowTable4 {
     /// word when that is `placed` (a reply entry), else in its own two buckets.
     fn find(&self, key: &FlowKey4, flow_id: u64) -> Option<Found<'_>> {
         let p = Place::of(key, self.seed, self.buckets);
-        let claim = self.claim(key);
+        let claim = self.claim_word(key);
         let word = claim.load(Ordering::Acquire);
         if let Some(b) = placed_bucket(word).filter(|&b| b < self.buckets)
             && let Some((tag, slot)) = self.find_in(b, key, p.tag | LIVE, flow_id)
@@ -286,7 +286,7 @@ impl FlowTable4 {
         match reply {
             None => true,
             Some((rkey, rev)) => put(rkey, rev).is_some_and(|b| {
-                self.claim(rkey)
+                self.claim_word(rkey)
                     .compare_exchange(UNCLAIMED, placed(b), Ordering::AcqRel, Ordering::Relaxed)
                     .is_ok()
             }),

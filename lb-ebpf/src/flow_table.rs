@@ -144,7 +144,7 @@ pub fn lookup(key: &FlowKey4) -> Option<*mut Flow> {
 }
 
 /// Reserves the reply key `key` (a SNAT port towards a backend) for a flow about to be
-/// inserted with it (`insert_pair`): whether it was free.
+/// inserted with it (`reserve_slots`): whether it was free.
 #[inline(always)]
 pub fn claim(key: &FlowKey4) -> bool {
     let Some(c) = config().and_then(|cfg| claim_word(key, cfg)) else {
@@ -221,19 +221,38 @@ fn reserve_locked(key: &FlowKey4, rkey: &FlowKey4, cfg: &Config) -> i64 {
     let (Some(b1), Some(b2)) = (FLOWS4.get_ptr_mut(p.first), FLOWS4.get_ptr_mut(p.second)) else {
         return -E2BIG;
     };
-    touch(b2);
     // SAFETY: an aligned field of a live array value, changed only atomically.
     let lock = unsafe { &raw mut (*b1).lock };
     // SAFETY: as above.
     if unsafe { atomic::cmpxchg(lock, 0, 1) } != 0 {
         return -EAGAIN;
     }
+    let r = claim_slots(key, rkey, cfg, &p, b1, b2);
+    if r < 0 {
+        // SAFETY: as above; a plain store, after the compare-and-swaps.
+        unsafe { core::ptr::write_volatile(lock, 0) };
+    }
+    r
+}
+
+/// `reserve_slots`' slots, with the first bucket's lock held: no other CPU inserts `key`
+/// meanwhile (and none `rkey`, whose claim word is the caller's). `-E2BIG`, with no slot
+/// claimed, when there is no room for both.
+#[inline(always)]
+fn claim_slots(
+    key: &FlowKey4,
+    rkey: &FlowKey4,
+    cfg: &Config,
+    p: &Place,
+    b1: *mut Bucket,
+    b2: *mut Bucket,
+) -> i64 {
     let words = key_words(key);
-    let free1 = scan(b1, &p, &words);
+    let free1 = scan(b1, p, &words);
     let free2 = if p.second == p.first {
         0
     } else {
-        scan(b2, &p, &words)
+        scan(b2, p, &words)
     };
     // The emptier bucket; its first free slot (inserts of other keys may be claiming too).
     let (free1, free2) = (opaque(free1 as u64), opaque(free2 as u64));
@@ -242,8 +261,6 @@ fn reserve_locked(key: &FlowKey4, rkey: &FlowKey4, cfg: &Config) -> i64 {
     // Through `opaque`: one unknown value rather than one path per slot index.
     let fi = opaque(claim_slot(fb, p.tag) as u64) as usize;
     if fi >= WAYS {
-        // SAFETY: as above; a plain store, after the compare-and-swaps.
-        unsafe { core::ptr::write_volatile(lock, 0) };
         return -E2BIG;
     }
     let (free1, free2) = if fwd_second {
@@ -263,8 +280,6 @@ fn reserve_locked(key: &FlowKey4, rkey: &FlowKey4, cfg: &Config) -> i64 {
         // SAFETY: the forward entry's claimed slot, ours: given back.
         unsafe { atomic::cmpxchg(&raw mut (*fb).tags[fi], p.tag | PENDING, EMPTY) };
     }
-    // SAFETY: as above; a plain store, after the compare-and-swaps.
-    unsafe { core::ptr::write_volatile(lock, 0) };
     -E2BIG
 }
 

@@ -61,10 +61,10 @@ use aya_ebpf::{
 };
 use lb_common::{
     ACL_LOOKUP_PREFIX, AF_INET, AF_INET6, AclKey, AclRule, Backend, CONNTRACK_MAX, Config,
-    ConnEvent, EVENTS_RING_BYTES, Flow, FlowKey, FlowKey4, HopCache, MAGLEV_TABLE_SIZE,
-    MAX_ACL_RULES, MAX_BACKENDS, MAX_SERVICES, NextHop, PROTO_TCP, PROTO_UDP, SEQ_BASED,
-    SNAT_HISTORY_SLOTS, SOURCES_MAX, ServiceInfo, ServiceKey, SourceKey, SourceState, VipKey,
-    acl_action, close_reason, config_flags, deny_reason, event_kind, flow_dir, flow_state,
+    ConnEvent, DENY_RECORD_INTERVAL_NS, EVENTS_RING_BYTES, Flow, FlowKey, FlowKey4, HopCache,
+    MAGLEV_TABLE_SIZE, MAX_ACL_RULES, MAX_BACKENDS, MAX_SERVICES, NextHop, PROTO_TCP, PROTO_UDP,
+    SEQ_BASED, SNAT_HISTORY_SLOTS, SOURCES_MAX, ServiceInfo, ServiceKey, SourceKey, SourceState,
+    VipKey, acl_action, close_reason, config_flags, deny_reason, event_kind, flow_dir, flow_state,
     open_reason, service_flags, stat,
 };
 
@@ -124,8 +124,6 @@ const SNAT_PORT_TRIES: u32 = 8;
 /// How long a released TCP SNAT port stays out of use for other clients (`snat_clock` units):
 /// Linux's TIME_WAIT, 60 s.
 const SNAT_HOLD: u32 = (60_000_000_000u64 >> 20) as u32 + 1;
-/// At most one deny record per source and service per this interval; the others are counted.
-const DENY_RECORD_INTERVAL_NS: u64 = 1_000_000_000;
 /// Token-bucket units per new flow.
 const TOKEN: u64 = 1_000_000;
 /// Largest transport header offset: Ethernet, then an IPv4 header with 40 bytes of options.
@@ -245,10 +243,19 @@ fn keys() -> Result<*mut Keys, ()> {
 fn key4(key: &FlowKey) -> Option<&'static FlowKey4> {
     let k = keys().ok()?;
     // SAFETY: per-CPU scratch, this field used only by the flow-map helpers, one at a time.
+    unsafe { Some(key4_at(&raw mut (*k).flow4, key)) }
+}
+
+/// `key`'s IPv4 key, stored at `dst` (`store_key4`).
+///
+/// # Safety
+/// `dst` must be a field of this CPU's `Keys`, free for this use.
+#[inline(always)]
+unsafe fn key4_at(dst: *mut FlowKey4, key: &FlowKey) -> &'static FlowKey4 {
+    // SAFETY: guaranteed by the caller; `Keys`' key fields are 8-byte aligned.
     unsafe {
-        let k4 = &raw mut (*k).flow4;
-        store_key4(k4, key.src[0], key.dst[0], key.sport, key.dport, key.proto);
-        Some(&*k4)
+        store_key4(dst, key.src[0], key.dst[0], key.sport, key.dport, key.proto);
+        &*dst
     }
 }
 
@@ -293,7 +300,8 @@ fn packet_flow(pkt: &Packet) -> Option<*mut Flow> {
 
 /// Inserts `value` under `key` in `FLOWS6` (`BPF_ANY`: replacing an entry of the same key, or
 /// `BPF_NOEXIST`). The error is negative: `-E2BIG` or `-ENOMEM` when there is no room,
-/// `-EEXIST`. (An IPv4 connection's entries go in together: `flow_table::insert_pair`.)
+/// `-EEXIST`. (An IPv4 connection's entries go in together: `flow_table::reserve_slots` and
+/// `flow_table::publish`.)
 #[inline(always)]
 fn flow6_insert(key: &FlowKey, value: &Flow, flags: u32) -> Result<(), i64> {
     FLOWS6
@@ -1231,16 +1239,16 @@ fn publish_opened() {
 /// its index and entry.
 #[inline(always)]
 fn maglev_backend(cfg: &Config, svc: &ServiceInfo, hash: u32) -> Option<(u32, &'static Backend)> {
-    if cfg.maglev_size == 0 {
-        return None;
-    }
     let idx = maglev_slot(cfg, svc, hash)?;
     Some((idx, BACKENDS.get(idx)?))
 }
 
-/// What service `svc`'s Maglev table holds for `hash`: a backend index.
+/// What service `svc`'s Maglev table holds for `hash`: a backend index (none without a table).
 #[inline(always)]
 fn maglev_slot(cfg: &Config, svc: &ServiceInfo, hash: u32) -> Option<u32> {
+    if cfg.maglev_size == 0 {
+        return None;
+    }
     // Multiply-shift maps the hash onto the table without a division.
     let slot = ((hash as u64 * cfg.maglev_size as u64) >> 32) as u32;
     // SAFETY: an aligned u32 of a live array value.
@@ -1621,19 +1629,8 @@ fn reserve_snat_port(key: &FlowKey, be: &Backend, cfg: &Config, rev: &Flow, hash
 fn reserve_reply_key(rkey: &FlowKey, rev: &Flow) -> Result<bool, Refusal> {
     if rkey.af == AF_INET {
         let k = keys().map_err(|()| deny_code(deny_reason::SNAT_EXHAUSTED, NO_RULE))?;
-        // SAFETY: per-CPU scratch, this field used only by new flows' reply keys; aligned.
-        let k4 = unsafe {
-            let k4 = &raw mut (*k).snat4;
-            store_key4(
-                k4,
-                rkey.src[0],
-                rkey.dst[0],
-                rkey.sport,
-                rkey.dport,
-                rkey.proto,
-            );
-            &*k4
-        };
+        // SAFETY: per-CPU scratch, this field used only by new flows' reply keys.
+        let k4 = unsafe { key4_at(&raw mut (*k).snat4, rkey) };
         return Ok(flow_table::claim(k4));
     }
     match flow6_insert(rkey, rev, BPF_NOEXIST) {
